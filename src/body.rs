@@ -1,0 +1,333 @@
+//! The response body type of the layer, and bounded buffering.
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use pin_project_lite::pin_project;
+
+pin_project! {
+    /// The body of every response that passes through the layer: the inner
+    /// service's body passed through, a buffered body (recorded or
+    /// replayed), or a buffered prefix followed by the rest of the inner body
+    /// (a response too large to record).
+    ///
+    /// Its data is [`Bytes`] and its error is the inner body's error, so it
+    /// satisfies axum's `IntoResponse` and hyper's server bounds.
+    pub struct ResponseBody<B>
+    where
+        B: Body,
+    {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B>
+    where
+        B: Body,
+    {
+        Full {
+            data: Option<Bytes>,
+            trailers: Option<HeaderMap>,
+        },
+        Stream {
+            #[pin]
+            body: B,
+        },
+        Chain {
+            prefix: Option<Bytes>,
+            body: Pin<Box<B>>,
+        },
+        Failed {
+            error: Option<B::Error>,
+        },
+    }
+}
+
+impl<B: Body> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match &self.kind {
+            Kind::Full { .. } => "Full",
+            Kind::Stream { .. } => "Stream",
+            Kind::Chain { .. } => "Chain",
+            Kind::Failed { .. } => "Failed",
+        };
+        f.debug_tuple("ResponseBody").field(&name).finish()
+    }
+}
+
+impl<B: Body> ResponseBody<B> {
+    pub(crate) fn full(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        Self {
+            kind: Kind::Full {
+                data: (!data.is_empty()).then_some(data),
+                trailers,
+            },
+        }
+    }
+
+    pub(crate) fn stream(body: B) -> Self {
+        Self {
+            kind: Kind::Stream { body },
+        }
+    }
+
+    pub(crate) fn chain(prefix: Bytes, body: Pin<Box<B>>) -> Self {
+        Self {
+            kind: Kind::Chain {
+                prefix: (!prefix.is_empty()).then_some(prefix),
+                body,
+            },
+        }
+    }
+
+    pub(crate) fn failed(error: B::Error) -> Self {
+        Self {
+            kind: Kind::Failed { error: Some(error) },
+        }
+    }
+}
+
+fn to_bytes<D: Buf, E>(
+    poll: Poll<Option<Result<Frame<D>, E>>>,
+) -> Poll<Option<Result<Frame<Bytes>, E>>> {
+    poll.map(|opt| opt.map(|res| res.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining())))))
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            KindProj::Full { data, trailers } => {
+                if let Some(data) = data.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
+            KindProj::Stream { body } => to_bytes(body.poll_frame(cx)),
+            KindProj::Chain { prefix, body } => {
+                if let Some(prefix) = prefix.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(prefix))));
+                }
+                to_bytes(body.as_mut().poll_frame(cx))
+            }
+            KindProj::Failed { error } => Poll::Ready(error.take().map(Err)),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full { data, trailers } => data.is_none() && trailers.is_none(),
+            Kind::Stream { body } => body.is_end_stream(),
+            Kind::Chain { prefix, body } => prefix.is_none() && body.is_end_stream(),
+            Kind::Failed { error } => error.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Kind::Stream { body } => body.size_hint(),
+            Kind::Chain { prefix, body } => {
+                let extra = prefix.as_ref().map_or(0, |p| p.len() as u64);
+                let inner = body.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower().saturating_add(extra));
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper.saturating_add(extra));
+                }
+                hint
+            }
+            Kind::Failed { .. } => SizeHint::new(),
+        }
+    }
+}
+
+/// Appends chunks, copying only when there is more than one.
+#[derive(Default)]
+pub(crate) struct Buffer {
+    first: Option<Bytes>,
+    rest: Option<BytesMut>,
+    len: usize,
+}
+
+impl Buffer {
+    pub(crate) fn with_hint(hint: &SizeHint) -> (Self, usize) {
+        (Self::default(), hint.upper().unwrap_or(0) as usize)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn push(&mut self, chunk: Bytes, capacity_hint: usize) {
+        if chunk.is_empty() {
+            return;
+        }
+        self.len += chunk.len();
+        match (&mut self.first, &mut self.rest) {
+            (None, _) => self.first = Some(chunk),
+            (Some(first), None) => {
+                let mut buf = BytesMut::with_capacity(capacity_hint.max(first.len() + chunk.len()));
+                buf.extend_from_slice(first);
+                buf.extend_from_slice(&chunk);
+                self.rest = Some(buf);
+            }
+            (Some(_), Some(buf)) => buf.extend_from_slice(&chunk),
+        }
+    }
+
+    pub(crate) fn freeze(self) -> Bytes {
+        match (self.first, self.rest) {
+            (_, Some(buf)) => buf.freeze(),
+            (Some(first), None) => first,
+            (None, None) => Bytes::new(),
+        }
+    }
+}
+
+/// The outcome of reading a body with a limit.
+pub(crate) enum Collected<B: Body> {
+    /// All of it, within the limit.
+    Full {
+        data: Bytes,
+        trailers: Option<HeaderMap>,
+    },
+    /// Over the limit: what was read, and the rest still unread.
+    TooLarge { prefix: Bytes, rest: B },
+    /// The body failed.
+    Failed { error: B::Error },
+}
+
+/// Reads `body` up to `limit` bytes, calling `inspect` on every data chunk
+/// as it arrives (the fingerprint is computed in this pass).
+pub(crate) async fn collect<B>(
+    mut body: B,
+    limit: usize,
+    mut inspect: impl FnMut(&[u8]),
+) -> Collected<B>
+where
+    B: Body + Unpin,
+{
+    let hint = body.size_hint();
+    if hint.lower() > limit as u64 {
+        return Collected::TooLarge {
+            prefix: Bytes::new(),
+            rest: body,
+        };
+    }
+    let (mut buf, capacity) = Buffer::with_hint(&hint);
+    let mut trailers: Option<HeaderMap> = None;
+    loop {
+        match body.frame().await {
+            None => break,
+            Some(Err(error)) => return Collected::Failed { error },
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(mut data) => {
+                    let chunk = data.copy_to_bytes(data.remaining());
+                    inspect(&chunk);
+                    buf.push(chunk, capacity);
+                    if buf.len() > limit {
+                        return Collected::TooLarge {
+                            prefix: buf.freeze(),
+                            rest: body,
+                        };
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        match &mut trailers {
+                            Some(existing) => existing.extend(t),
+                            None => trailers = Some(t),
+                        }
+                    }
+                }
+            },
+        }
+    }
+    Collected::Full {
+        data: buf.freeze(),
+        trailers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_helpers::Chunked;
+    use http_body_util::Full;
+
+    #[tokio::test]
+    async fn single_chunk_is_not_copied() {
+        let data = Bytes::from_static(b"hello");
+        let ptr = data.as_ptr();
+        let Collected::Full { data, .. } = collect(Full::new(data), 10, |_| {}).await else {
+            panic!("expected Full");
+        };
+        assert_eq!(data.as_ptr(), ptr);
+    }
+
+    #[tokio::test]
+    async fn chunks_are_joined_and_inspected() {
+        let mut seen = Vec::new();
+        let body = Chunked::new(&[b"ab", b"cd", b"e"]);
+        let Collected::Full { data, .. } = collect(body, 5, |c| seen.extend_from_slice(c)).await
+        else {
+            panic!("expected Full");
+        };
+        assert_eq!(&data[..], b"abcde");
+        assert_eq!(seen, b"abcde");
+    }
+
+    #[tokio::test]
+    async fn over_the_limit_keeps_prefix_and_rest() {
+        let body = Chunked::new(&[b"ab", b"cd", b"ef", b"gh"]);
+        let Collected::TooLarge { prefix, rest } = collect(body, 3, |_| {}).await else {
+            panic!("expected TooLarge");
+        };
+        assert_eq!(&prefix[..], b"abcd");
+        let all = ResponseBody::chain(prefix, Box::pin(rest))
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&all[..], b"abcdefgh");
+    }
+
+    #[tokio::test]
+    async fn size_hint_over_the_limit_reads_nothing() {
+        let body = Full::new(Bytes::from_static(b"0123456789"));
+        let Collected::TooLarge { prefix, .. } = collect(body, 3, |_| {}).await else {
+            panic!("expected TooLarge");
+        };
+        assert!(prefix.is_empty());
+    }
+
+    #[tokio::test]
+    async fn full_body_yields_data_then_trailers() {
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", "0".parse().unwrap());
+        let body: ResponseBody<Full<Bytes>> = ResponseBody::full(Bytes::from_static(b"x"), Some(t));
+        assert_eq!(body.size_hint().exact(), Some(1));
+        let collected = body.collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(&collected.to_bytes()[..], b"x");
+    }
+}

@@ -1,0 +1,268 @@
+//! Request fingerprints: SHA-256 over the method, the target and the body.
+//!
+//! A fingerprint tells a retry (same key, same request) from a key reused
+//! for another request (same key, different method, target or body), which
+//! the layer refuses with `422 Unprocessable Content`.
+//!
+//! The hash input is framed so that two different requests never feed
+//! SHA-256 the same bytes: a version tag, then each of the method, the target
+//! and every selected header as a length-prefixed field, then the body last.
+//! The body is hashed frame by frame while it is read, in the same pass that
+//! buffers it.
+
+use std::fmt;
+
+use http::{HeaderMap, HeaderName, Method, Uri};
+use sha2::{Digest, Sha256};
+
+/// The SHA-256 fingerprint of a request.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint([u8; 32]);
+
+impl Fingerprint {
+    /// Wraps 32 raw bytes, as a store reads them back.
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The raw 32 bytes.
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({})", hex_prefix(&self.0))
+    }
+}
+
+/// Lower-case hex of the first 8 bytes: enough to correlate log lines,
+/// useless for recovering what was hashed.
+pub(crate) fn hex_prefix(bytes: &[u8; 32]) -> String {
+    use fmt::Write;
+    let mut s = String::with_capacity(16);
+    for b in &bytes[..8] {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// What the fingerprint covers.
+///
+/// The default covers the method, the path and query, and the body, as
+/// Stripe compares "endpoint and parameters". Reusing a key on another
+/// endpoint is therefore a mismatch too.
+///
+/// ```
+/// use tower_idempotency::FingerprintConfig;
+///
+/// // Also treat a different `Content-Type` as a different request, and
+/// // ignore the query string.
+/// let config = FingerprintConfig::default()
+///     .with_header(http::header::CONTENT_TYPE)
+///     .with_query(false);
+/// # let _ = config;
+/// ```
+#[derive(Debug, Clone)]
+pub struct FingerprintConfig {
+    method: bool,
+    target: bool,
+    query: bool,
+    body: bool,
+    headers: Vec<HeaderName>,
+}
+
+impl Default for FingerprintConfig {
+    fn default() -> Self {
+        Self {
+            method: true,
+            target: true,
+            query: true,
+            body: true,
+            headers: Vec::new(),
+        }
+    }
+}
+
+impl FingerprintConfig {
+    /// A fingerprint that covers nothing: any request under a key is a retry
+    /// of the first. Only for clients that guarantee a key is never reused.
+    pub fn key_only() -> Self {
+        Self {
+            method: false,
+            target: false,
+            query: false,
+            body: false,
+            headers: Vec::new(),
+        }
+    }
+
+    /// Whether the method is covered (default: yes).
+    #[must_use]
+    pub fn with_method(mut self, on: bool) -> Self {
+        self.method = on;
+        self
+    }
+
+    /// Whether the path is covered (default: yes).
+    #[must_use]
+    pub fn with_path(mut self, on: bool) -> Self {
+        self.target = on;
+        self
+    }
+
+    /// Whether the query string is covered (default: yes; only when the
+    /// path is covered).
+    #[must_use]
+    pub fn with_query(mut self, on: bool) -> Self {
+        self.query = on;
+        self
+    }
+
+    /// Whether the body is covered (default: yes).
+    #[must_use]
+    pub fn with_body(mut self, on: bool) -> Self {
+        self.body = on;
+        self
+    }
+
+    /// Also covers every value of the header `name`, in order.
+    #[must_use]
+    pub fn with_header(mut self, name: HeaderName) -> Self {
+        self.headers.push(name);
+        self
+    }
+
+    pub(crate) fn covers_body(&self) -> bool {
+        self.body
+    }
+
+    /// Starts a fingerprint over the request head; feed the body with
+    /// [`Fingerprinter::update`].
+    pub(crate) fn start(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Fingerprinter {
+        let mut f = Fingerprinter::new();
+        if self.method {
+            f.field(b'm', method.as_str().as_bytes());
+        }
+        if self.target {
+            let target = if self.query {
+                uri.path_and_query().map_or("/", |pq| pq.as_str())
+            } else {
+                uri.path()
+            };
+            f.field(b't', target.as_bytes());
+        }
+        for name in &self.headers {
+            f.field(b'h', name.as_str().as_bytes());
+            for value in headers.get_all(name) {
+                f.field(b'v', value.as_bytes());
+            }
+        }
+        f.hasher.update([b'b']);
+        f
+    }
+}
+
+/// An incremental fingerprint: the head is framed, the body is streamed in.
+#[derive(Debug, Clone)]
+pub(crate) struct Fingerprinter {
+    hasher: Sha256,
+}
+
+impl Fingerprinter {
+    fn new() -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(b"tower-idempotency/fingerprint/v1\0");
+        Self { hasher }
+    }
+
+    fn field(&mut self, tag: u8, bytes: &[u8]) {
+        self.hasher.update([tag]);
+        self.hasher.update((bytes.len() as u64).to_be_bytes());
+        self.hasher.update(bytes);
+    }
+
+    /// Feeds the next chunk of the body.
+    pub(crate) fn update(&mut self, chunk: &[u8]) {
+        self.hasher.update(chunk);
+    }
+
+    pub(crate) fn finish(self) -> Fingerprint {
+        Fingerprint(self.hasher.finalize().into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fp(config: &FingerprintConfig, method: &str, uri: &str, body: &[&[u8]]) -> Fingerprint {
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let uri: Uri = uri.parse().unwrap();
+        let mut f = config.start(&method, &uri, &HeaderMap::new());
+        for chunk in body {
+            f.update(chunk);
+        }
+        f.finish()
+    }
+
+    #[test]
+    fn chunking_does_not_matter() {
+        let c = FingerprintConfig::default();
+        assert_eq!(
+            fp(&c, "POST", "/a?x=1", &[b"hello world"]),
+            fp(&c, "POST", "/a?x=1", &[b"hello", b" ", b"world"])
+        );
+    }
+
+    #[test]
+    fn each_part_matters() {
+        let c = FingerprintConfig::default();
+        let base = fp(&c, "POST", "/a?x=1", &[b"{}"]);
+        assert_ne!(base, fp(&c, "PATCH", "/a?x=1", &[b"{}"]));
+        assert_ne!(base, fp(&c, "POST", "/b?x=1", &[b"{}"]));
+        assert_ne!(base, fp(&c, "POST", "/a?x=2", &[b"{}"]));
+        assert_ne!(base, fp(&c, "POST", "/a?x=1", &[b"{ }"]));
+    }
+
+    #[test]
+    fn framing_separates_target_from_body() {
+        let c = FingerprintConfig::default();
+        // Without length prefixes these two would hash the same bytes.
+        assert_ne!(
+            fp(&c, "POST", "/ab", &[b"c"]),
+            fp(&c, "POST", "/a", &[b"bc"])
+        );
+    }
+
+    #[test]
+    fn options_narrow_the_coverage() {
+        let no_query = FingerprintConfig::default().with_query(false);
+        assert_eq!(
+            fp(&no_query, "POST", "/a?x=1", &[b"{}"]),
+            fp(&no_query, "POST", "/a?x=2", &[b"{}"])
+        );
+        let key_only = FingerprintConfig::key_only();
+        assert_eq!(
+            fp(&key_only, "POST", "/a", &[]),
+            fp(&key_only, "PATCH", "/b", &[])
+        );
+    }
+
+    #[test]
+    fn selected_headers_are_covered() {
+        let c = FingerprintConfig::default().with_header(http::header::CONTENT_TYPE);
+        let uri: Uri = "/a".parse().unwrap();
+        let mut h1 = HeaderMap::new();
+        h1.insert(
+            http::header::CONTENT_TYPE,
+            "application/json".parse().unwrap(),
+        );
+        let mut h2 = HeaderMap::new();
+        h2.insert(http::header::CONTENT_TYPE, "text/plain".parse().unwrap());
+        let a = c.start(&Method::POST, &uri, &h1).finish();
+        let b = c.start(&Method::POST, &uri, &h2).finish();
+        assert_ne!(a, b);
+    }
+}

@@ -1,0 +1,176 @@
+//! The response future of [`Idempotency`](crate::Idempotency), and the
+//! futures it is made of.
+
+use std::any::Any;
+use std::fmt;
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use http::Response;
+use http_body::Body;
+use pin_project_lite::pin_project;
+
+use crate::body::ResponseBody;
+
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+pin_project! {
+    /// The response future of [`Idempotency`](crate::Idempotency).
+    ///
+    /// A request the layer does not cover is the inner future, unboxed; a
+    /// covered one is a boxed future that reads the body, consults the store
+    /// and runs the handler.
+    pub struct ResponseFuture<F, B, E>
+    where
+        B: Body,
+    {
+        #[pin]
+        kind: Kind<F, B, E>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F, B, E>
+    where
+        B: Body,
+    {
+        Passthrough {
+            #[pin]
+            fut: F,
+        },
+        Ready {
+            res: Option<Response<ResponseBody<B>>>,
+        },
+        Covered {
+            fut: BoxFuture<Result<Response<ResponseBody<B>>, E>>,
+        },
+    }
+}
+
+impl<F, B: Body, E> fmt::Debug for ResponseFuture<F, B, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match &self.kind {
+            Kind::Passthrough { .. } => "Passthrough",
+            Kind::Ready { .. } => "Ready",
+            Kind::Covered { .. } => "Covered",
+        };
+        f.debug_tuple("ResponseFuture").field(&name).finish()
+    }
+}
+
+impl<F, B: Body, E> ResponseFuture<F, B, E> {
+    pub(crate) fn passthrough(fut: F) -> Self {
+        Self {
+            kind: Kind::Passthrough { fut },
+        }
+    }
+
+    pub(crate) fn ready(res: Response<ResponseBody<B>>) -> Self {
+        Self {
+            kind: Kind::Ready { res: Some(res) },
+        }
+    }
+
+    pub(crate) fn covered(fut: BoxFuture<Result<Response<ResponseBody<B>>, E>>) -> Self {
+        Self {
+            kind: Kind::Covered { fut },
+        }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Body,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Passthrough { fut } => {
+                let res = ready!(fut.poll(cx))?;
+                Poll::Ready(Ok(res.map(ResponseBody::stream)))
+            }
+            KindProj::Ready { res } => match res.take() {
+                Some(res) => Poll::Ready(Ok(res)),
+                None => Poll::Pending,
+            },
+            KindProj::Covered { fut } => fut.as_mut().poll(cx),
+        }
+    }
+}
+
+pin_project! {
+    /// Turns a panic while polling into an `Err`.
+    pub(crate) struct CatchUnwind<F> {
+        #[pin]
+        fut: F,
+    }
+}
+
+impl<F> CatchUnwind<F> {
+    pub(crate) fn new(fut: F) -> Self {
+        Self { fut }
+    }
+}
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, Box<dyn Any + Send>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let fut = self.project().fut;
+        match catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(out)) => Poll::Ready(Ok(out)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+/// A future that, if dropped before it finishes (the client went away),
+/// moves itself onto a spawned task and runs to completion there: the
+/// handler is never cancelled half way, and its response is recorded for the
+/// retry. While the client stays, no task is spawned.
+pub(crate) struct Detached<T: Send + 'static> {
+    fut: Option<BoxFuture<T>>,
+}
+
+impl<T: Send + 'static> Detached<T> {
+    pub(crate) fn new(fut: BoxFuture<T>) -> Self {
+        Self { fut: Some(fut) }
+    }
+}
+
+impl<T: Send + 'static> Future for Detached<T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let Some(fut) = self.fut.as_mut() else {
+            return Poll::Pending;
+        };
+        let out = ready!(fut.as_mut().poll(cx));
+        self.fut = None;
+        Poll::Ready(out)
+    }
+}
+
+impl<T: Send + 'static> Drop for Detached<T> {
+    fn drop(&mut self) {
+        if let Some(fut) = self.fut.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(handle) => {
+                    tracing::debug!(
+                        "client went away; the request runs to completion in the background"
+                    );
+                    handle.spawn(fut);
+                }
+                Err(_) => tracing::warn!(
+                    "request abandoned outside a runtime; its lock expires with its lease"
+                ),
+            }
+        }
+    }
+}

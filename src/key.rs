@@ -1,0 +1,280 @@
+//! The `Idempotency-Key` header: parsing and validation.
+//!
+//! The IETF draft makes the field an RFC 8941 structured-field String, so it
+//! is quoted on the wire (`Idempotency-Key: "8e03978e-40d5"`); Stripe-style
+//! clients send a bare token (`Idempotency-Key: 8e03978e-40d5`). Both are
+//! accepted and name the same key.
+
+use std::fmt;
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderName};
+use sha2::{Digest, Sha256};
+
+/// The header the layer reads by default: `Idempotency-Key`.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// The header a replayed response carries by default: `Idempotent-Replayed`.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// A validated idempotency key, as the client sent it (unquoted).
+///
+/// The layer puts it in the request's extensions, so a handler can derive
+/// keys for its own downstream calls:
+///
+/// ```
+/// use axum::{Extension, http::StatusCode};
+/// use tower_idempotency::IdempotencyKey;
+///
+/// async fn create_payment(Extension(key): Extension<IdempotencyKey>) -> StatusCode {
+///     // The same request always sends the provider the same key.
+///     let provider_key = key.derive("payment-provider");
+///     assert_eq!(provider_key.len(), 64);
+///     StatusCode::CREATED
+/// }
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(Arc<str>);
+
+impl IdempotencyKey {
+    /// The key, without the quotes of the sf-string form.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A deterministic key for a downstream call, derived from this key and
+    /// a label naming the call: 64 lower-case hex characters of
+    /// SHA-256(label, key). A retry of the request derives the same key, so
+    /// the downstream service deduplicates it too.
+    pub fn derive(&self, label: &str) -> String {
+        let mut h = Sha256::new();
+        h.update(b"tower-idempotency/derive/v1\0");
+        h.update((label.len() as u64).to_be_bytes());
+        h.update(label.as_bytes());
+        h.update(self.0.as_bytes());
+        let digest = h.finalize();
+        let mut out = String::with_capacity(64);
+        for b in digest {
+            out.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
+            out.push(char::from_digit(u32::from(b & 0xf), 16).unwrap_or('0'));
+        }
+        out
+    }
+}
+
+impl fmt::Debug for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Keys can be guessable secrets: never print them whole.
+        write!(f, "IdempotencyKey(<{} chars>)", self.0.len())
+    }
+}
+
+impl AsRef<str> for IdempotencyKey {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+/// Why a key was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The header is absent.
+    Missing,
+    /// The header appears more than once.
+    Multiple,
+    /// The key is empty.
+    Empty,
+    /// The key is shorter than the configured minimum.
+    TooShort,
+    /// The key is longer than the configured maximum.
+    TooLong,
+    /// A byte outside visible ASCII (and space inside quotes), a comma in a
+    /// bare token, or a malformed sf-string.
+    Malformed,
+}
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Missing => "the Idempotency-Key header is missing",
+            Self::Multiple => "the Idempotency-Key header appears more than once",
+            Self::Empty => "the idempotency key is empty",
+            Self::TooShort => "the idempotency key is shorter than allowed",
+            Self::TooLong => "the idempotency key is longer than allowed",
+            Self::Malformed => {
+                "the idempotency key must be a quoted sf-string or a bare token of visible ASCII characters"
+            }
+        })
+    }
+}
+
+/// Reads the key from `headers`: at most one field, then [`parse_key`].
+pub(crate) fn key_from_headers(
+    headers: &HeaderMap,
+    name: &HeaderName,
+    min_len: usize,
+    max_len: usize,
+) -> Result<IdempotencyKey, KeyError> {
+    let mut values = headers.get_all(name).iter();
+    let value = values.next().ok_or(KeyError::Missing)?;
+    if values.next().is_some() {
+        return Err(KeyError::Multiple);
+    }
+    parse_key(value.as_bytes(), min_len, max_len)
+}
+
+/// Parses one header value as an sf-string (`"abc"`) or a bare token
+/// (`abc`), with optional surrounding spaces, and checks the length of the
+/// key it names (in characters, without quotes) against `min_len..=max_len`.
+///
+/// ```
+/// use tower_idempotency::key::{parse_key, KeyError};
+///
+/// assert_eq!(parse_key(b"\"abc\"", 1, 255).unwrap().as_str(), "abc");
+/// assert_eq!(parse_key(b"abc", 1, 255).unwrap().as_str(), "abc");
+/// assert_eq!(parse_key(b"a\r\nb", 1, 255), Err(KeyError::Malformed));
+/// ```
+pub fn parse_key(raw: &[u8], min_len: usize, max_len: usize) -> Result<IdempotencyKey, KeyError> {
+    let trimmed = trim_ows(raw);
+    let key = if let Some(rest) = trimmed.strip_prefix(b"\"") {
+        parse_sf_string(rest)?
+    } else {
+        if trimmed
+            .iter()
+            .any(|&b| !(0x21..=0x7e).contains(&b) || b == b',' || b == b'"')
+        {
+            return Err(KeyError::Malformed);
+        }
+        // Visible ASCII only, so this never fails.
+        String::from_utf8(trimmed.to_vec()).map_err(|_| KeyError::Malformed)?
+    };
+    if key.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    if key.len() > max_len {
+        return Err(KeyError::TooLong);
+    }
+    if key.len() < min_len {
+        return Err(KeyError::TooShort);
+    }
+    Ok(IdempotencyKey(key.into()))
+}
+
+fn trim_ows(mut b: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = b {
+        b = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = b {
+        b = rest;
+    }
+    b
+}
+
+/// RFC 8941 §4.2.5: the part after the opening quote.
+fn parse_sf_string(mut rest: &[u8]) -> Result<String, KeyError> {
+    let mut out = String::with_capacity(rest.len());
+    loop {
+        match rest {
+            [] => return Err(KeyError::Malformed),
+            [b'"'] => return Ok(out),
+            [b'"', ..] => return Err(KeyError::Malformed), // bytes after the closing quote
+            [b'\\', c @ (b'"' | b'\\'), tail @ ..] => {
+                out.push(char::from(*c));
+                rest = tail;
+            }
+            [b'\\', ..] => return Err(KeyError::Malformed),
+            [c, tail @ ..] if (0x20..=0x7e).contains(c) => {
+                out.push(char::from(*c));
+                rest = tail;
+            }
+            _ => return Err(KeyError::Malformed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(raw: &str) -> Result<String, KeyError> {
+        parse_key(raw.as_bytes(), 1, 255).map(|k| k.as_str().to_owned())
+    }
+
+    #[test]
+    fn sf_string_and_token_agree() {
+        assert_eq!(p("\"8e03978e-40d5\"").unwrap(), "8e03978e-40d5");
+        assert_eq!(p("8e03978e-40d5").unwrap(), "8e03978e-40d5");
+        assert_eq!(p("  \"abc\"\t").unwrap(), "abc");
+    }
+
+    #[test]
+    fn sf_string_escapes_and_spaces() {
+        assert_eq!(p(r#""a\"b\\c""#).unwrap(), "a\"b\\c");
+        assert_eq!(p("\"a b, c\"").unwrap(), "a b, c");
+        assert_eq!(p(r#""a\nb""#), Err(KeyError::Malformed));
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        assert_eq!(p(""), Err(KeyError::Empty));
+        assert_eq!(p("\"\""), Err(KeyError::Empty));
+        assert_eq!(p("\"abc"), Err(KeyError::Malformed));
+        assert_eq!(p("\"abc\";x=1"), Err(KeyError::Malformed));
+        assert_eq!(p("a b"), Err(KeyError::Malformed));
+        assert_eq!(p("a,b"), Err(KeyError::Malformed));
+        assert_eq!(p("ab\"c"), Err(KeyError::Malformed));
+        assert_eq!(parse_key(b"a\0b", 1, 255).unwrap_err(), KeyError::Malformed);
+        assert_eq!(
+            parse_key(b"\"a\rb\"", 1, 255).unwrap_err(),
+            KeyError::Malformed
+        );
+        assert_eq!(
+            parse_key("ключ".as_bytes(), 1, 255).unwrap_err(),
+            KeyError::Malformed
+        );
+    }
+
+    #[test]
+    fn length_bounds() {
+        let max = "k".repeat(255);
+        assert!(p(&max).is_ok());
+        assert_eq!(p(&format!("{max}k")), Err(KeyError::TooLong));
+        // The quotes do not count.
+        assert!(p(&format!("\"{max}\"")).is_ok());
+        assert_eq!(parse_key(b"abc", 4, 255).unwrap_err(), KeyError::TooShort);
+    }
+
+    #[test]
+    fn several_fields_are_refused() {
+        let mut h = HeaderMap::new();
+        h.append(IDEMPOTENCY_KEY, "a".parse().unwrap());
+        assert_eq!(
+            key_from_headers(&h, &IDEMPOTENCY_KEY, 1, 255)
+                .unwrap()
+                .as_str(),
+            "a"
+        );
+        h.append(IDEMPOTENCY_KEY, "b".parse().unwrap());
+        assert_eq!(
+            key_from_headers(&h, &IDEMPOTENCY_KEY, 1, 255),
+            Err(KeyError::Multiple)
+        );
+        assert_eq!(
+            key_from_headers(&HeaderMap::new(), &IDEMPOTENCY_KEY, 1, 255),
+            Err(KeyError::Missing)
+        );
+    }
+
+    #[test]
+    fn derived_keys_are_stable_and_distinct() {
+        let k = parse_key(b"abc", 1, 255).unwrap();
+        assert_eq!(k.derive("stripe"), k.derive("stripe"));
+        assert_ne!(k.derive("stripe"), k.derive("mail"));
+        assert_ne!(
+            k.derive("stripe"),
+            parse_key(b"abd", 1, 255).unwrap().derive("stripe")
+        );
+        assert_eq!(format!("{k:?}"), "IdempotencyKey(<3 chars>)");
+    }
+}

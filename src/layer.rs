@@ -1,0 +1,393 @@
+//! [`IdempotencyLayer`] and its configuration.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::request::Parts;
+use http::{HeaderName, Method, StatusCode};
+use sha2::{Digest, Sha256};
+use tower_layer::Layer;
+
+use crate::fingerprint::FingerprintConfig;
+use crate::key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
+use crate::service::Idempotency;
+use crate::store::{Store, StoreKey};
+
+/// What a duplicate gets while the first request with its key still runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InFlightPolicy {
+    /// `409 Conflict` with `Retry-After` at once (the draft's behaviour).
+    Reject,
+    /// Wait up to this long for the first request to finish and replay its
+    /// response; `409` if it has not finished by then.
+    Wait(Duration),
+}
+
+/// What the layer does when the store fails or times out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreErrorPolicy {
+    /// `503 Service Unavailable` with `Retry-After`: the handler does not
+    /// run, so a duplicate cannot run twice. The default.
+    FailClosed,
+    /// Forward the request to the handler without idempotency: availability
+    /// over exactly-once. A retry during the outage may run twice.
+    FailOpen,
+}
+
+/// A handler's say over one response, put in the response's extensions.
+///
+/// ```
+/// use axum::{http::StatusCode, response::IntoResponse};
+/// use std::time::Duration;
+/// use tower_idempotency::Retention;
+///
+/// async fn handler() -> impl IntoResponse {
+///     // A quote that is only valid for five minutes.
+///     (StatusCode::CREATED, axum::Extension(Retention::RecordFor(Duration::from_secs(300))), "quote")
+/// }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Retention {
+    /// Do not record this response; release the key so a retry runs again.
+    DoNotRecord,
+    /// Record this response even if the policy would not (for example a
+    /// 5xx that must not be repeated).
+    Record,
+    /// Record this response for this long instead of the layer's ttl.
+    RecordFor(Duration),
+}
+
+type ScopeFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
+type RecordIfFn = dyn Fn(StatusCode) -> bool + Send + Sync;
+
+/// The default recording policy: 2xx, 3xx and 4xx, except the 4xx that
+/// depend on credentials or time (401, 403, 408, 425, 429).
+pub fn default_record_if(status: StatusCode) -> bool {
+    let code = status.as_u16();
+    (200..500).contains(&code) && !matches!(code, 401 | 403 | 408 | 425 | 429)
+}
+
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) header: HeaderName,
+    pub(crate) methods: Vec<Method>,
+    pub(crate) require_key: bool,
+    pub(crate) min_key_len: usize,
+    pub(crate) max_key_len: usize,
+    pub(crate) ttl: Duration,
+    pub(crate) lease: Duration,
+    pub(crate) max_request_body: usize,
+    pub(crate) max_response_body: usize,
+    pub(crate) scope: Option<Arc<ScopeFn>>,
+    pub(crate) fingerprint: FingerprintConfig,
+    pub(crate) in_flight: InFlightPolicy,
+    pub(crate) on_store_error: StoreErrorPolicy,
+    pub(crate) record_if: Arc<RecordIfFn>,
+    pub(crate) replayed_header: Option<HeaderName>,
+    pub(crate) excluded_headers: Vec<HeaderName>,
+    pub(crate) store_timeout: Duration,
+    pub(crate) retry_after: Duration,
+    pub(crate) complete_retries: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            header: IDEMPOTENCY_KEY,
+            methods: vec![Method::POST, Method::PATCH],
+            require_key: false,
+            min_key_len: 1,
+            max_key_len: 255,
+            ttl: Duration::from_secs(24 * 60 * 60),
+            lease: Duration::from_secs(30),
+            max_request_body: 1024 * 1024,
+            max_response_body: 4 * 1024 * 1024,
+            scope: None,
+            fingerprint: FingerprintConfig::default(),
+            in_flight: InFlightPolicy::Reject,
+            on_store_error: StoreErrorPolicy::FailClosed,
+            record_if: Arc::new(default_record_if),
+            replayed_header: Some(IDEMPOTENT_REPLAYED),
+            excluded_headers: Vec::new(),
+            store_timeout: Duration::from_secs(2),
+            retry_after: Duration::from_secs(1),
+            complete_retries: 3,
+        }
+    }
+}
+
+impl Config {
+    pub(crate) fn covers(&self, method: &Method) -> bool {
+        self.methods.iter().any(|m| m == method)
+    }
+
+    /// SHA-256 of the scope and the key: what the store files under.
+    pub(crate) fn store_key(&self, parts: &Parts, key: &IdempotencyKey) -> StoreKey {
+        let mut h = Sha256::new();
+        h.update(b"tower-idempotency/key/v1\0");
+        match self.scope.as_ref().and_then(|f| f(parts)) {
+            Some(scope) => {
+                h.update([1]);
+                h.update((scope.len() as u64).to_be_bytes());
+                h.update(scope.as_bytes());
+            }
+            None => h.update([0]),
+        }
+        h.update(key.as_str().as_bytes());
+        StoreKey::from_bytes(h.finalize().into())
+    }
+}
+
+/// Applies [`Idempotency`] to a service: requests with an
+/// `Idempotency-Key` run once, and every retry gets the recorded response.
+///
+/// The defaults follow Stripe and the IETF draft; every `with_*` method
+/// changes one of them. See the [crate docs](crate) for an example.
+///
+/// | setting | default |
+/// |---|---|
+/// | [`with_methods`](Self::with_methods) | `POST`, `PATCH` |
+/// | [`with_header`](Self::with_header) | `Idempotency-Key` |
+/// | [`with_require_key`](Self::with_require_key) | `false`: a request without a key passes through |
+/// | [`with_key_length`](Self::with_key_length) | 1 to 255 characters |
+/// | [`with_ttl`](Self::with_ttl) | 24 hours |
+/// | [`with_lease`](Self::with_lease) | 30 seconds, renewed while the handler runs |
+/// | [`with_max_request_body`](Self::with_max_request_body) | 1 MiB (413 above) |
+/// | [`with_max_response_body`](Self::with_max_response_body) | 4 MiB (a tombstone above) |
+/// | [`with_scope`](Self::with_scope) | none: keys are global |
+/// | [`with_fingerprint`](Self::with_fingerprint) | method, path and query, body |
+/// | [`with_in_flight`](Self::with_in_flight) | [`InFlightPolicy::Reject`] (409) |
+/// | [`with_store_error_policy`](Self::with_store_error_policy) | [`StoreErrorPolicy::FailClosed`] (503) |
+/// | [`with_record_if`](Self::with_record_if) | [`default_record_if`] |
+/// | [`with_replayed_header`](Self::with_replayed_header) | `Idempotent-Replayed: true` |
+/// | [`with_store_timeout`](Self::with_store_timeout) | 2 seconds per store call |
+#[derive(Clone)]
+#[must_use]
+pub struct IdempotencyLayer {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) config: Arc<Config>,
+}
+
+impl fmt::Debug for IdempotencyLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        f.debug_struct("IdempotencyLayer")
+            .field("header", &c.header)
+            .field("methods", &c.methods)
+            .field("require_key", &c.require_key)
+            .field("ttl", &c.ttl)
+            .field("lease", &c.lease)
+            .field("max_request_body", &c.max_request_body)
+            .field("max_response_body", &c.max_response_body)
+            .field("scoped", &c.scope.is_some())
+            .field("in_flight", &c.in_flight)
+            .field("on_store_error", &c.on_store_error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IdempotencyLayer {
+    /// A layer over `store` with the default settings.
+    pub fn new(store: impl Store) -> Self {
+        Self::from_arc(Arc::new(store))
+    }
+
+    /// A layer over a store that is already shared.
+    pub fn from_arc(store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            config: Arc::new(Config::default()),
+        }
+    }
+
+    fn config(mut self, f: impl FnOnce(&mut Config)) -> Self {
+        f(Arc::make_mut(&mut self.config));
+        self
+    }
+
+    /// The methods the layer covers (default `POST` and `PATCH`). Every other
+    /// method passes through untouched and unbuffered.
+    pub fn with_methods(self, methods: impl IntoIterator<Item = Method>) -> Self {
+        let methods = methods.into_iter().collect();
+        self.config(|c| c.methods = methods)
+    }
+
+    /// The header that carries the key (default `Idempotency-Key`); a webhook
+    /// receiver can key on the sender's delivery-id header instead.
+    pub fn with_header(self, name: HeaderName) -> Self {
+        self.config(|c| c.header = name)
+    }
+
+    /// Whether a covered request without a key is refused with 400 (default:
+    /// no, it passes through without idempotency).
+    pub fn with_require_key(self, require: bool) -> Self {
+        self.config(|c| c.require_key = require)
+    }
+
+    /// The accepted key length in characters, without quotes (default 1 to
+    /// 255).
+    pub fn with_key_length(self, min: usize, max: usize) -> Self {
+        self.config(|c| {
+            c.min_key_len = min.max(1);
+            c.max_key_len = max.max(c.min_key_len);
+        })
+    }
+
+    /// How long a completed record replays (default 24 hours).
+    pub fn with_ttl(self, ttl: Duration) -> Self {
+        self.config(|c| c.ttl = ttl)
+    }
+
+    /// How long an in-flight lock lives without a heartbeat (default 30 s).
+    /// The layer renews it every third of the lease while the handler runs;
+    /// a process that dies leaves a lock that a retry takes over after this.
+    pub fn with_lease(self, lease: Duration) -> Self {
+        self.config(|c| c.lease = lease.max(Duration::from_millis(30)))
+    }
+
+    /// The largest request body a covered request may carry (default 1 MiB);
+    /// larger ones get 413 before any store call.
+    pub fn with_max_request_body(self, bytes: usize) -> Self {
+        self.config(|c| c.max_request_body = bytes)
+    }
+
+    /// The largest response body that is recorded (default 4 MiB). A larger
+    /// response still reaches the client in full, and the key records a
+    /// tombstone: retries are told the request completed, and it never runs
+    /// again.
+    pub fn with_max_response_body(self, bytes: usize) -> Self {
+        self.config(|c| c.max_response_body = bytes)
+    }
+
+    /// Scopes keys by tenant or principal: the same key under two scopes is
+    /// two independent records. The closure sees the request head (after
+    /// authentication layers have put their extensions there).
+    ///
+    /// ```
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).with_scope(|parts| {
+    ///     parts.headers.get("x-tenant-id")?.to_str().ok().map(str::to_owned)
+    /// });
+    /// # let _ = layer;
+    /// ```
+    pub fn with_scope<F>(self, scope: F) -> Self
+    where
+        F: Fn(&Parts) -> Option<String> + Send + Sync + 'static,
+    {
+        self.config(|c| c.scope = Some(Arc::new(scope)))
+    }
+
+    /// What the fingerprint covers (default: method, path and query, body).
+    pub fn with_fingerprint(self, fingerprint: FingerprintConfig) -> Self {
+        self.config(|c| c.fingerprint = fingerprint)
+    }
+
+    /// What a duplicate gets while the first request runs (default 409).
+    pub fn with_in_flight(self, policy: InFlightPolicy) -> Self {
+        self.config(|c| c.in_flight = policy)
+    }
+
+    /// What happens when the store fails (default: 503, fail closed).
+    pub fn with_store_error_policy(self, policy: StoreErrorPolicy) -> Self {
+        self.config(|c| c.on_store_error = policy)
+    }
+
+    /// Which responses are recorded, by status (default
+    /// [`default_record_if`]). A response that is not recorded releases the
+    /// key, so the client may retry. A handler overrides this for one
+    /// response with [`Retention`].
+    pub fn with_record_if<F>(self, record_if: F) -> Self
+    where
+        F: Fn(StatusCode) -> bool + Send + Sync + 'static,
+    {
+        self.config(|c| c.record_if = Arc::new(record_if))
+    }
+
+    /// The header a replay carries with the value `true` (default
+    /// `Idempotent-Replayed`); `None` for no header.
+    pub fn with_replayed_header(self, name: Option<HeaderName>) -> Self {
+        self.config(|c| c.replayed_header = name)
+    }
+
+    /// A response header that is never recorded or replayed, in addition to
+    /// the hop-by-hop headers and `Date`.
+    pub fn with_excluded_header(self, name: HeaderName) -> Self {
+        self.config(|c| c.excluded_headers.push(name))
+    }
+
+    /// The bound on every store call (default 2 s); past it the call counts
+    /// as a store failure.
+    pub fn with_store_timeout(self, timeout: Duration) -> Self {
+        self.config(|c| c.store_timeout = timeout)
+    }
+
+    /// The `Retry-After` sent with 409 and 503 (default 1 s).
+    pub fn with_retry_after(self, after: Duration) -> Self {
+        self.config(|c| c.retry_after = after)
+    }
+
+    /// How many more times a failed `complete` is retried in the background
+    /// after the response was sent (default 3).
+    pub fn with_complete_retries(self, retries: u32) -> Self {
+        self.config(|c| c.complete_retries = retries)
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = Idempotency<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency {
+            inner,
+            store: self.store.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_policy_matches_the_design() {
+        for code in [200, 201, 204, 301, 302, 400, 404, 409, 422] {
+            assert!(
+                default_record_if(StatusCode::from_u16(code).unwrap()),
+                "{code}"
+            );
+        }
+        for code in [100, 401, 403, 408, 425, 429, 500, 502, 503, 504] {
+            assert!(
+                !default_record_if(StatusCode::from_u16(code).unwrap()),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn scope_separates_store_keys() {
+        let key = crate::key::parse_key(b"k", 1, 255).unwrap();
+        let scoped = IdempotencyLayer::new(crate::MemoryStore::new())
+            .with_scope(|p| Some(p.headers.get("t")?.to_str().ok()?.to_owned()));
+        let req = |t: &str| {
+            http::Request::builder()
+                .header("t", t)
+                .body(())
+                .unwrap()
+                .into_parts()
+                .0
+        };
+        let a = scoped.config.store_key(&req("a"), &key);
+        let b = scoped.config.store_key(&req("b"), &key);
+        assert_ne!(a, b);
+        assert_eq!(a, scoped.config.store_key(&req("a"), &key));
+        let unscoped = IdempotencyLayer::new(crate::MemoryStore::new());
+        assert_ne!(a, unscoped.config.store_key(&req("a"), &key));
+    }
+}

@@ -1,0 +1,102 @@
+//! Idempotency-Key middleware for [Tower] and [axum]: run a request once,
+//! record its response, replay that record to every retry.
+//!
+//! Networks time out, load balancers retry, users double-click, webhook
+//! senders redeliver: without protection every retry of a `POST /payments`
+//! charges again. The client sends an `Idempotency-Key` header (the IETF
+//! draft "The Idempotency-Key HTTP Header Field", and Stripe's API); this
+//! layer runs the first request with that key, records its response, and
+//! answers every retry with the record.
+//!
+//! # Example
+//!
+//! ```
+//! use axum::{Router, routing::post};
+//! use tower_idempotency::{IdempotencyLayer, MemoryStore};
+//!
+//! async fn create_payment() -> &'static str {
+//!     "charged once"
+//! }
+//!
+//! let app: Router = Router::new()
+//!     .route("/payments", post(create_payment))
+//!     .layer(IdempotencyLayer::new(MemoryStore::new()));
+//! ```
+//!
+//! # The path of one request
+//!
+//! ```text
+//! request ─► covered method? ──no──► inner service, untouched
+//!              │yes
+//!              ▼
+//!          Idempotency-Key ─ missing ─► forward (or 400 if required)
+//!              │ present      invalid ─► 400
+//!              ▼
+//!          store key   = SHA-256(scope, key)
+//!          fingerprint = SHA-256(method, path+query, body), in the pass
+//!                        that reads the body; over the limit ─► 413
+//!              ▼
+//!          store.begin(key, fingerprint, lease)
+//!              ├─ Completed ─ fingerprint differs ─► 422
+//!              │             └ same ─► replay + `Idempotent-Replayed: true`
+//!              ├─ InFlight  ─ fingerprint differs ─► 422
+//!              │             └ same ─► 409 + Retry-After (or wait, then replay)
+//!              ├─ Acquired  ─► run the handler to completion (even if the
+//!              │               client leaves), heartbeat the lease, record
+//!              │               the response or release the key
+//!              └─ Err       ─► 503 + Retry-After (or fail open)
+//! ```
+//!
+//! Every answer the layer makes itself is an RFC 9457 problem document; see
+//! [`problem`].
+//!
+//! # Concurrency guarantees
+//!
+//! - Two requests with the same key never run the handler at the same time:
+//!   [`Store::begin`] is one atomic step, and the loser gets 409.
+//! - A handler whose client disconnects still runs to completion, and its
+//!   response is recorded for the retry.
+//! - A handler that panics, fails, or answers a status that is not recorded
+//!   (5xx by default) releases the key: the retry runs.
+//! - A process that dies mid-request leaves a lock that expires with its
+//!   lease (30 s by default); the next retry then runs. If the handler had
+//!   already caused a side effect, that retry runs it again: derive keys for
+//!   downstream calls from [`IdempotencyKey::derive`] so they deduplicate
+//!   too.
+//! - A holder whose lease was taken over cannot write its record (fencing).
+//!
+//! # Feature flags
+//!
+//! - `test-util`: the store conformance suite ([`test_util`]) and a
+//!   fault-injecting store wrapper.
+//!
+//! [Tower]: https://docs.rs/tower
+//! [axum]: https://docs.rs/axum
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod body;
+pub mod fingerprint;
+mod future;
+pub mod key;
+mod layer;
+pub mod problem;
+pub mod record;
+mod service;
+pub mod store;
+
+#[cfg(any(test, feature = "test-util"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub mod test_util;
+
+#[cfg(test)]
+mod test_helpers;
+
+pub use body::ResponseBody;
+pub use fingerprint::{Fingerprint, FingerprintConfig};
+pub use future::ResponseFuture;
+pub use key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
+pub use layer::{IdempotencyLayer, InFlightPolicy, Retention, StoreErrorPolicy, default_record_if};
+pub use problem::Rejection;
+pub use record::{Record, RecordKind};
+pub use service::Idempotency;
+pub use store::{Begin, BoxError, LockToken, MemoryStore, Store, StoreError, StoreKey};

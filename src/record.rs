@@ -1,0 +1,444 @@
+//! Recorded responses and their compact, versioned binary encoding.
+//!
+//! Every store keeps a completed request as a [`Record`]. Stores that write
+//! bytes somewhere (Redis, PostgreSQL) use [`Record::encode`] and
+//! [`Record::decode`], so a record written by one version of this crate can
+//! be read by the next.
+//!
+//! # Wire format (version 1)
+//!
+//! All integers are big-endian.
+//!
+//! ```text
+//! magic      2 bytes  "TI"
+//! version    u8       1
+//! kind       u8       0 = response, 1 = tombstone (response too large to keep)
+//! fingerprint 32 bytes
+//! created_at u64      milliseconds since the Unix epoch (informational)
+//! status     u16
+//! headers    u32 count, then per header: u16 name length, name, u32 value length, value
+//! trailers   u32 count, then as headers
+//! body       u32 length, then the bytes
+//! ```
+//!
+//! Decoding checks every length against the input and every header name,
+//! value and status for validity: a truncated or corrupt record is a
+//! [`DecodeError`], never a panic and never a wrong replay.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{HeaderName, HeaderValue, StatusCode};
+
+use crate::fingerprint::Fingerprint;
+
+const MAGIC: &[u8; 2] = b"TI";
+const VERSION: u8 = 1;
+
+/// What a [`Record`] holds: a full response, or a tombstone for a response
+/// that completed but was too large to keep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RecordKind {
+    /// The response was recorded in full and is replayed as it was.
+    Response,
+    /// The request completed but its body exceeded the layer's
+    /// `max_response_body`; a retry is told so instead of running again.
+    Tombstone,
+}
+
+/// A completed request: its fingerprint and the response to replay.
+///
+/// Cloning is cheap for the body (reference counted) and clones the header
+/// list.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Record {
+    kind: RecordKind,
+    fingerprint: Fingerprint,
+    created_at_ms: u64,
+    status: StatusCode,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    trailers: Vec<(HeaderName, HeaderValue)>,
+    body: Bytes,
+}
+
+impl fmt::Debug for Record {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Record")
+            .field("kind", &self.kind)
+            .field("fingerprint", &self.fingerprint)
+            .field("status", &self.status)
+            .field("headers", &self.headers.len())
+            .field("trailers", &self.trailers.len())
+            .field("body_len", &self.body.len())
+            .finish()
+    }
+}
+
+impl Record {
+    /// A recorded response.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::{HeaderName, HeaderValue, StatusCode};
+    /// use tower_idempotency::{Fingerprint, Record};
+    ///
+    /// let record = Record::response(
+    ///     Fingerprint::from_bytes([7; 32]),
+    ///     StatusCode::CREATED,
+    ///     vec![(HeaderName::from_static("content-type"), HeaderValue::from_static("application/json"))],
+    ///     Bytes::from_static(br#"{"id":1}"#),
+    /// );
+    /// let bytes = record.encode();
+    /// assert_eq!(Record::decode(&bytes).unwrap(), record);
+    /// ```
+    pub fn response(
+        fingerprint: Fingerprint,
+        status: StatusCode,
+        headers: Vec<(HeaderName, HeaderValue)>,
+        body: Bytes,
+    ) -> Self {
+        Self {
+            kind: RecordKind::Response,
+            fingerprint,
+            created_at_ms: now_ms(),
+            status,
+            headers,
+            trailers: Vec::new(),
+            body,
+        }
+    }
+
+    /// A tombstone: the request completed with `status`, but the body was
+    /// too large to keep. Replays answer with a problem response instead of
+    /// running the request again.
+    pub fn tombstone(
+        fingerprint: Fingerprint,
+        status: StatusCode,
+        headers: Vec<(HeaderName, HeaderValue)>,
+    ) -> Self {
+        Self {
+            kind: RecordKind::Tombstone,
+            fingerprint,
+            created_at_ms: now_ms(),
+            status,
+            headers,
+            trailers: Vec::new(),
+            body: Bytes::new(),
+        }
+    }
+
+    /// Sets the trailers recorded after the body (gRPC-style responses).
+    #[must_use]
+    pub fn with_trailers(mut self, trailers: Vec<(HeaderName, HeaderValue)>) -> Self {
+        self.trailers = trailers;
+        self
+    }
+
+    /// Whether this is a full response or a tombstone.
+    pub fn kind(&self) -> RecordKind {
+        self.kind
+    }
+
+    /// The fingerprint of the request that produced this record.
+    pub fn fingerprint(&self) -> &Fingerprint {
+        &self.fingerprint
+    }
+
+    /// When the record was made, by the clock of the process that made it.
+    /// Informational only: no store uses it for expiry.
+    pub fn created_at(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.created_at_ms)
+    }
+
+    /// The recorded status code.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The recorded end-to-end headers, every value in order.
+    pub fn headers(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.headers
+    }
+
+    /// The recorded trailers, if any.
+    pub fn trailers(&self) -> &[(HeaderName, HeaderValue)] {
+        &self.trailers
+    }
+
+    /// The recorded body.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// An estimate of the memory this record occupies, used by stores that
+    /// bound themselves by bytes.
+    pub fn size_hint(&self) -> usize {
+        let fields = |list: &[(HeaderName, HeaderValue)]| {
+            list.iter()
+                .map(|(n, v)| n.as_str().len() + v.len() + 2 * std::mem::size_of::<usize>())
+                .sum::<usize>()
+        };
+        std::mem::size_of::<Self>()
+            + fields(&self.headers)
+            + fields(&self.trailers)
+            + self.body.len()
+    }
+
+    /// Encodes the record in the versioned binary format described in the
+    /// [module docs](self).
+    pub fn encode(&self) -> Bytes {
+        let fields_len = |list: &[(HeaderName, HeaderValue)]| {
+            4 + list
+                .iter()
+                .map(|(n, v)| 6 + n.as_str().len() + v.len())
+                .sum::<usize>()
+        };
+        let len = 2
+            + 1
+            + 1
+            + 32
+            + 8
+            + 2
+            + fields_len(&self.headers)
+            + fields_len(&self.trailers)
+            + 4
+            + self.body.len();
+        let mut out = BytesMut::with_capacity(len);
+        out.put_slice(MAGIC);
+        out.put_u8(VERSION);
+        out.put_u8(match self.kind {
+            RecordKind::Response => 0,
+            RecordKind::Tombstone => 1,
+        });
+        out.put_slice(self.fingerprint.as_bytes());
+        out.put_u64(self.created_at_ms);
+        out.put_u16(self.status.as_u16());
+        for list in [&self.headers, &self.trailers] {
+            out.put_u32(len_u32(list.len()));
+            for (name, value) in list.iter() {
+                let name = name.as_str().as_bytes();
+                // Header names are far below 64 KiB: `HeaderName` caps them.
+                out.put_u16(u16::try_from(name.len()).unwrap_or(u16::MAX));
+                out.put_slice(name);
+                out.put_u32(len_u32(value.len()));
+                out.put_slice(value.as_bytes());
+            }
+        }
+        out.put_u32(len_u32(self.body.len()));
+        out.put_slice(&self.body);
+        out.freeze()
+    }
+
+    /// Decodes a record written by [`Record::encode`] from a byte slice.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        Self::decode_bytes(Bytes::copy_from_slice(bytes))
+    }
+
+    /// Decodes a record from owned bytes; the body shares the buffer
+    /// instead of being copied.
+    pub fn decode_bytes(bytes: Bytes) -> Result<Self, DecodeError> {
+        let mut r = Reader { buf: bytes };
+        if r.take(2)?.as_ref() != MAGIC {
+            return Err(DecodeError::new("bad magic"));
+        }
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(DecodeError::new("unsupported version"));
+        }
+        let kind = match r.u8()? {
+            0 => RecordKind::Response,
+            1 => RecordKind::Tombstone,
+            _ => return Err(DecodeError::new("unknown record kind")),
+        };
+        let fp = r.take(32)?;
+        let mut fingerprint = [0u8; 32];
+        fingerprint.copy_from_slice(&fp);
+        let created_at_ms = r.u64()?;
+        let status =
+            StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError::new("invalid status"))?;
+        let headers = r.fields()?;
+        let trailers = r.fields()?;
+        let body_len = r.u32()? as usize;
+        let body = r.take(body_len)?;
+        if r.buf.has_remaining() {
+            return Err(DecodeError::new("trailing bytes"));
+        }
+        Ok(Self {
+            kind,
+            fingerprint: Fingerprint::from_bytes(fingerprint),
+            created_at_ms,
+            status,
+            headers,
+            trailers,
+            body,
+        })
+    }
+}
+
+fn len_u32(len: usize) -> u32 {
+    // Bodies are bounded by the layer's `max_response_body`, far below 4 GiB.
+    u32::try_from(len).unwrap_or(u32::MAX)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+struct Reader {
+    buf: Bytes,
+}
+
+impl Reader {
+    fn need(&self, n: usize) -> Result<(), DecodeError> {
+        if self.buf.remaining() < n {
+            Err(DecodeError::new("truncated record"))
+        } else {
+            Ok(())
+        }
+    }
+    fn take(&mut self, n: usize) -> Result<Bytes, DecodeError> {
+        self.need(n)?;
+        Ok(self.buf.split_to(n))
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        self.need(1)?;
+        Ok(self.buf.get_u8())
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        self.need(2)?;
+        Ok(self.buf.get_u16())
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        self.need(4)?;
+        Ok(self.buf.get_u32())
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        self.need(8)?;
+        Ok(self.buf.get_u64())
+    }
+    fn fields(&mut self) -> Result<Vec<(HeaderName, HeaderValue)>, DecodeError> {
+        let count = self.u32()? as usize;
+        // Each field takes at least 6 bytes: refuse counts the input cannot hold
+        // before allocating for them.
+        if count > self.buf.remaining() / 6 {
+            return Err(DecodeError::new("truncated record"));
+        }
+        let mut out = Vec::with_capacity(count);
+        for _ in 0..count {
+            let name_len = self.u16()? as usize;
+            let name = self.take(name_len)?;
+            let name = HeaderName::from_bytes(&name)
+                .map_err(|_| DecodeError::new("invalid header name"))?;
+            let value_len = self.u32()? as usize;
+            let value = self.take(value_len)?;
+            let value = HeaderValue::from_maybe_shared(value)
+                .map_err(|_| DecodeError::new("invalid header value"))?;
+            out.push((name, value));
+        }
+        Ok(out)
+    }
+}
+
+/// A stored record could not be decoded: it is truncated, corrupt, or was
+/// written by an incompatible version.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot decode idempotency record: {reason}")]
+pub struct DecodeError {
+    reason: &'static str,
+}
+
+impl DecodeError {
+    fn new(reason: &'static str) -> Self {
+        Self { reason }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Record {
+        Record::response(
+            Fingerprint::from_bytes([9; 32]),
+            StatusCode::CREATED,
+            vec![
+                (
+                    HeaderName::from_static("set-cookie"),
+                    HeaderValue::from_static("a=1"),
+                ),
+                (
+                    HeaderName::from_static("set-cookie"),
+                    HeaderValue::from_static("b=2"),
+                ),
+                (
+                    HeaderName::from_static("location"),
+                    HeaderValue::from_static("/orders/1"),
+                ),
+            ],
+            Bytes::from_static(b"{\"id\":1}"),
+        )
+        .with_trailers(vec![(
+            HeaderName::from_static("grpc-status"),
+            HeaderValue::from_static("0"),
+        )])
+    }
+
+    #[test]
+    fn round_trip_keeps_everything_in_order() {
+        let record = sample();
+        let decoded = Record::decode(&record.encode()).unwrap();
+        assert_eq!(decoded, record);
+        assert_eq!(decoded.headers()[0].1, "a=1");
+        assert_eq!(decoded.headers()[1].1, "b=2");
+        assert_eq!(decoded.trailers().len(), 1);
+        assert_eq!(decoded.created_at(), record.created_at());
+    }
+
+    #[test]
+    fn tombstone_round_trips() {
+        let record = Record::tombstone(Fingerprint::from_bytes([1; 32]), StatusCode::OK, vec![]);
+        let decoded = Record::decode(&record.encode()).unwrap();
+        assert_eq!(decoded.kind(), RecordKind::Tombstone);
+        assert!(decoded.body().is_empty());
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let bytes = sample().encode();
+        for len in 0..bytes.len() {
+            assert!(
+                Record::decode(&bytes[..len]).is_err(),
+                "prefix of {len} bytes decoded"
+            );
+        }
+    }
+
+    #[test]
+    fn corruption_is_detected() {
+        let mut bytes = sample().encode().to_vec();
+        bytes[2] = 99; // version
+        assert!(Record::decode(&bytes).is_err());
+        let mut bytes = sample().encode().to_vec();
+        bytes.push(0);
+        assert_eq!(
+            Record::decode(&bytes).unwrap_err().to_string(),
+            "cannot decode idempotency record: trailing bytes"
+        );
+        let mut bytes = sample().encode().to_vec();
+        bytes[44] = 0x00; // status high byte -> status < 100
+        bytes[45] = 0x05;
+        assert!(Record::decode(&bytes).is_err());
+    }
+
+    #[test]
+    fn huge_counts_do_not_allocate() {
+        let mut bytes = sample().encode()[..46].to_vec();
+        bytes.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert!(Record::decode(&bytes).is_err());
+    }
+}

@@ -1,0 +1,529 @@
+//! [`Idempotency`]: the request path.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header};
+use http_body::Body;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use crate::body::{Collected, ResponseBody, collect};
+use crate::fingerprint::Fingerprint;
+use crate::future::{CatchUnwind, Detached, ResponseFuture};
+use crate::key::{IdempotencyKey, KeyError, key_from_headers};
+use crate::layer::{Config, InFlightPolicy, Retention, StoreErrorPolicy};
+use crate::problem::Rejection;
+use crate::record::{Record, RecordKind};
+use crate::store::{Begin, LockToken, Store, StoreError, StoreKey};
+
+/// Middleware that runs each keyed request once and replays its response to
+/// every retry. Made by [`IdempotencyLayer`](crate::IdempotencyLayer).
+///
+/// The error type is the inner service's: every decision the layer makes is
+/// a response, so the service drops into axum's `Router::layer` as it is.
+pub struct Idempotency<S> {
+    pub(crate) inner: S,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) config: Arc<Config>,
+}
+
+impl<S: Clone> Clone for Idempotency<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            store: self.store.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for Idempotency<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Idempotency<S> {
+    /// A reference to the inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// A mutable reference to the inner service.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+fn reject<B: Body>(rejection: Rejection) -> Response<ResponseBody<B>> {
+    rejection
+        .to_response()
+        .map(|body| ResponseBody::full(body, None))
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Body + From<Bytes> + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Send,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Send,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let config = &self.config;
+        if !config.covers(req.method()) {
+            return ResponseFuture::passthrough(self.inner.call(req));
+        }
+        let key = match key_from_headers(
+            req.headers(),
+            &config.header,
+            config.min_key_len,
+            config.max_key_len,
+        ) {
+            Ok(key) => key,
+            Err(KeyError::Missing) if !config.require_key => {
+                return ResponseFuture::passthrough(self.inner.call(req));
+            }
+            Err(KeyError::Missing) => {
+                tracing::debug!(outcome = "rejected", reason = "key-missing");
+                return ResponseFuture::ready(reject(Rejection::KeyMissing));
+            }
+            Err(e) => {
+                tracing::debug!(outcome = "rejected", reason = "key-invalid", error = %e);
+                return ResponseFuture::ready(reject(Rejection::KeyInvalid(e)));
+            }
+        };
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > config.max_request_body as u64) {
+            tracing::debug!(outcome = "rejected", reason = "body-too-large");
+            return ResponseFuture::ready(reject(Rejection::BodyTooLarge {
+                limit: config.max_request_body,
+            }));
+        }
+        // The clone is not ready; the ready one goes with this request
+        // (tower-service docs, "Be careful when cloning inner services").
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let ctx = Ctx {
+            store: self.store.clone(),
+            config: self.config.clone(),
+        };
+        ResponseFuture::covered(Box::pin(ctx.run(inner, req, key)))
+    }
+}
+
+/// What one covered request needs from the service.
+#[derive(Clone)]
+struct Ctx {
+    store: Arc<dyn Store>,
+    config: Arc<Config>,
+}
+
+enum Acquire<B: Body> {
+    Token(LockToken),
+    Respond(Response<ResponseBody<B>>),
+    FailOpen,
+}
+
+impl Ctx {
+    async fn run<S, ReqBody, ResBody>(
+        self,
+        inner: S,
+        req: Request<ReqBody>,
+        key: IdempotencyKey,
+    ) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        ReqBody: Body + From<Bytes> + Send + 'static,
+        ResBody: Body + Send + 'static,
+        ResBody::Data: Send,
+        ResBody::Error: Send,
+    {
+        let (mut parts, body) = req.into_parts();
+        let store_key = self.config.store_key(&parts, &key);
+        let mut fingerprinter =
+            self.config
+                .fingerprint
+                .start(&parts.method, &parts.uri, &parts.headers);
+        let covers_body = self.config.fingerprint.covers_body();
+        let body = std::pin::pin!(body);
+        let bytes = match collect(body, self.config.max_request_body, |chunk| {
+            if covers_body {
+                fingerprinter.update(chunk);
+            }
+        })
+        .await
+        {
+            Collected::Full { data, .. } => data,
+            Collected::TooLarge { .. } => {
+                tracing::debug!(key = %store_key.log_id(), outcome = "rejected", reason = "body-too-large");
+                return Ok(reject(Rejection::BodyTooLarge {
+                    limit: self.config.max_request_body,
+                }));
+            }
+            Collected::Failed { .. } => {
+                tracing::debug!(key = %store_key.log_id(), outcome = "rejected", reason = "body-unreadable");
+                return Ok(reject(Rejection::BodyUnreadable));
+            }
+        };
+        let fingerprint = fingerprinter.finish();
+        parts.extensions.insert(key);
+        let req = Request::from_parts(parts, ReqBody::from(bytes));
+        // From here on the request is not cancelled with the connection: a
+        // lock taken must be completed or released.
+        Detached::new(Box::pin(self.decide(inner, req, store_key, fingerprint))).await
+    }
+
+    async fn decide<S, ReqBody, ResBody>(
+        self,
+        mut inner: S,
+        req: Request<ReqBody>,
+        key: StoreKey,
+        fingerprint: Fingerprint,
+    ) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
+        S::Future: Send + 'static,
+        ResBody: Body + Send + 'static,
+    {
+        match self.acquire(&key, &fingerprint).await {
+            Acquire::Token(token) => self.execute(inner, req, key, token, fingerprint).await,
+            Acquire::Respond(res) => Ok(res),
+            Acquire::FailOpen => Ok(inner.call(req).await?.map(ResponseBody::stream)),
+        }
+    }
+
+    /// Bounds one store call by the configured timeout.
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let limit = self.config.store_timeout;
+        tokio::time::timeout(limit, call)
+            .await
+            .unwrap_or(Err(StoreError::Timeout(limit)))
+    }
+
+    async fn acquire<B: Body>(&self, key: &StoreKey, fingerprint: &Fingerprint) -> Acquire<B> {
+        let deadline = match self.config.in_flight {
+            InFlightPolicy::Wait(bound) => Some(Instant::now() + bound),
+            InFlightPolicy::Reject => None,
+        };
+        loop {
+            let begun = self
+                .bounded(self.store.begin(key, fingerprint, self.config.lease))
+                .await;
+            match begun {
+                Ok(Begin::Acquired(token)) => return Acquire::Token(token),
+                Ok(Begin::Completed(record)) => {
+                    if record.fingerprint() != fingerprint {
+                        tracing::debug!(key = %key.log_id(), outcome = "mismatch");
+                        return Acquire::Respond(reject(Rejection::KeyReused));
+                    }
+                    tracing::debug!(key = %key.log_id(), outcome = "replayed");
+                    return Acquire::Respond(self.replay(record));
+                }
+                Ok(Begin::InFlight { fingerprint: held }) => {
+                    if held != *fingerprint {
+                        tracing::debug!(key = %key.log_id(), outcome = "mismatch");
+                        return Acquire::Respond(reject(Rejection::KeyReused));
+                    }
+                    let now = Instant::now();
+                    match deadline {
+                        Some(deadline) if now < deadline => {
+                            let left = deadline - now;
+                            let waited = tokio::time::timeout(
+                                left + self.config.store_timeout,
+                                self.store.wait(key, left),
+                            )
+                            .await;
+                            if let Ok(Err(e)) = waited {
+                                log_store_error("wait", key, &e);
+                            }
+                        }
+                        _ => {
+                            tracing::debug!(key = %key.log_id(), outcome = "conflict");
+                            return Acquire::Respond(reject(Rejection::InFlight {
+                                retry_after: self.config.retry_after,
+                            }));
+                        }
+                    }
+                }
+                Err(e) => {
+                    log_store_error("begin", key, &e);
+                    return match self.config.on_store_error {
+                        StoreErrorPolicy::FailClosed => {
+                            Acquire::Respond(reject(Rejection::StoreUnavailable {
+                                retry_after: self.config.retry_after,
+                            }))
+                        }
+                        StoreErrorPolicy::FailOpen => Acquire::FailOpen,
+                    };
+                }
+            }
+        }
+    }
+
+    async fn execute<S, ReqBody, ResBody>(
+        self,
+        mut inner: S,
+        req: Request<ReqBody>,
+        key: StoreKey,
+        token: LockToken,
+        fingerprint: Fingerprint,
+    ) -> Result<Response<ResponseBody<ResBody>>, S::Error>
+    where
+        S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+        ResBody: Body,
+    {
+        let call = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.call(req)));
+        let outcome = match call {
+            Ok(fut) => self.heartbeat(&key, &token, CatchUnwind::new(fut)).await,
+            Err(panic) => Err(panic),
+        };
+        let res = match outcome {
+            Err(_panic) => {
+                tracing::error!(key = %key.log_id(), outcome = "released", "handler panicked; the key is released");
+                self.release(&key, &token).await;
+                return Ok(reject(Rejection::HandlerPanicked));
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(key = %key.log_id(), outcome = "released", "handler failed; the key is released");
+                self.release(&key, &token).await;
+                return Err(e);
+            }
+            Ok(Ok(res)) => res,
+        };
+        let (parts, body) = res.into_parts();
+        let (record, ttl) = match parts.extensions.get::<Retention>() {
+            Some(Retention::DoNotRecord) => (false, self.config.ttl),
+            Some(Retention::Record) => (true, self.config.ttl),
+            Some(Retention::RecordFor(ttl)) => (true, *ttl),
+            None => ((self.config.record_if)(parts.status), self.config.ttl),
+        };
+        if !record {
+            tracing::debug!(key = %key.log_id(), status = parts.status.as_u16(), outcome = "released", "response not recorded");
+            self.release(&key, &token).await;
+            return Ok(Response::from_parts(parts, ResponseBody::stream(body)));
+        }
+        let collected = self
+            .heartbeat(
+                &key,
+                &token,
+                collect(Box::pin(body), self.config.max_response_body, |_| {}),
+            )
+            .await;
+        match collected {
+            Collected::Full { data, trailers } => {
+                let record = Record::response(
+                    fingerprint,
+                    parts.status,
+                    self.recordable(&parts.headers),
+                    data.clone(),
+                )
+                .with_trailers(trailers.as_ref().map(fields).unwrap_or_default());
+                self.complete(key, token, record, ttl).await;
+                tracing::debug!(key = %key.log_id(), status = parts.status.as_u16(), outcome = "executed");
+                Ok(Response::from_parts(
+                    parts,
+                    ResponseBody::full(data, trailers),
+                ))
+            }
+            Collected::TooLarge { prefix, rest } => {
+                let record =
+                    Record::tombstone(fingerprint, parts.status, self.recordable(&parts.headers));
+                self.complete(key, token, record, ttl).await;
+                tracing::warn!(key = %key.log_id(), status = parts.status.as_u16(), outcome = "tombstone",
+                    limit = self.config.max_response_body, "response too large to record; retries get a 410");
+                Ok(Response::from_parts(
+                    parts,
+                    ResponseBody::chain(prefix, rest),
+                ))
+            }
+            Collected::Failed { error } => {
+                tracing::debug!(key = %key.log_id(), outcome = "released", "response body failed; the key is released");
+                self.release(&key, &token).await;
+                Ok(Response::from_parts(parts, ResponseBody::failed(error)))
+            }
+        }
+    }
+
+    /// Runs `fut` while extending the lease every third of it.
+    async fn heartbeat<F: Future>(&self, key: &StoreKey, token: &LockToken, fut: F) -> F::Output {
+        let lease = self.config.lease;
+        let mut fut = std::pin::pin!(fut);
+        let beat = async {
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                match self.bounded(self.store.extend(key, token, lease)).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(key = %key.log_id(), "lease lost while the handler ran: another request took the key over; this response will not be recorded");
+                        return;
+                    }
+                    Err(e) => log_store_error("extend", key, &e),
+                }
+            }
+        };
+        tokio::select! {
+            biased;
+            out = &mut fut => return out,
+            () = beat => {}
+        }
+        fut.await
+    }
+
+    async fn release(&self, key: &StoreKey, token: &LockToken) {
+        match self.bounded(self.store.release(key, token)).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(key = %key.log_id(), "release found the lock taken over");
+            }
+            Err(e) => log_store_error("release", key, &e),
+        }
+    }
+
+    /// Writes the record; on a store failure, answers the client anyway and
+    /// retries in the background a bounded number of times.
+    async fn complete(&self, key: StoreKey, token: LockToken, record: Record, ttl: Duration) {
+        match self
+            .bounded(self.store.complete(&key, &token, &record, ttl))
+            .await
+        {
+            Ok(true) => return,
+            Ok(false) => {
+                tracing::warn!(key = %key.log_id(), "lease lost before completion: another request took the key over; this response is not recorded");
+                return;
+            }
+            Err(e) => log_store_error("complete", &key, &e),
+        }
+        let retries = self.config.complete_retries;
+        if retries == 0 {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            for attempt in 0..retries {
+                tokio::time::sleep(Duration::from_millis(50 << attempt.min(8))).await;
+                match this
+                    .bounded(this.store.complete(&key, &token, &record, ttl))
+                    .await
+                {
+                    Ok(true) => {
+                        tracing::info!(key = %key.log_id(), attempt = attempt + 1, "record completed on retry");
+                        return;
+                    }
+                    Ok(false) => {
+                        tracing::warn!(key = %key.log_id(), "lease lost before completion retry");
+                        return;
+                    }
+                    Err(e) => log_store_error("complete retry", &key, &e),
+                }
+            }
+            tracing::error!(key = %key.log_id(), retries, "record not written: the key stays locked until its lease expires, then a retry runs again");
+        });
+    }
+
+    fn replay<B: Body>(&self, record: Record) -> Response<ResponseBody<B>> {
+        let mut res = if record.kind() == RecordKind::Tombstone {
+            reject(Rejection::ResponseNotStored {
+                original_status: record.status(),
+            })
+        } else {
+            let trailers = (!record.trailers().is_empty()).then(|| to_map(record.trailers()));
+            let mut res = Response::new(ResponseBody::full(record.body().clone(), trailers));
+            *res.status_mut() = record.status();
+            *res.headers_mut() = to_map(record.headers());
+            res
+        };
+        if let Some(name) = &self.config.replayed_header {
+            res.headers_mut()
+                .insert(name.clone(), HeaderValue::from_static("true"));
+        }
+        res
+    }
+
+    /// The end-to-end headers of a response: not hop-by-hop, not `Date`, not
+    /// the replay marker, not excluded by configuration.
+    fn recordable(&self, headers: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+        let listed: Vec<&str> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .collect();
+        headers
+            .iter()
+            .filter(|(name, _)| {
+                !is_hop_by_hop(name)
+                    && *name != header::DATE
+                    && Some(*name) != self.config.replayed_header.as_ref()
+                    && !self.config.excluded_headers.contains(name)
+                    && !listed.iter().any(|l| l.eq_ignore_ascii_case(name.as_str()))
+            })
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect()
+    }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "upgrade"
+            | "te"
+            | "trailer"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+    )
+}
+
+fn fields(map: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+    map.iter().map(|(n, v)| (n.clone(), v.clone())).collect()
+}
+
+fn to_map(fields: &[(HeaderName, HeaderValue)]) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(fields.len() + 1);
+    for (n, v) in fields {
+        map.append(n.clone(), v.clone());
+    }
+    map
+}
+
+fn log_store_error(op: &'static str, key: &StoreKey, error: &StoreError) {
+    let source = std::error::Error::source(error).map(ToString::to_string);
+    tracing::error!(key = %key.log_id(), op, error = %error, source = source.as_deref().unwrap_or(""), outcome = "store_error", "idempotency store call failed");
+}

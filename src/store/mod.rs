@@ -1,0 +1,271 @@
+//! The [`Store`] contract, and the stores that implement it.
+//!
+//! The store is where correctness lives. The layer asks it four things, each
+//! one atomic step:
+//!
+//! | call | does |
+//! |---|---|
+//! | [`begin`](Store::begin) | no live record, or an in-flight record whose lease has expired: take the lock with a fresh [`LockToken`] ([`Begin::Acquired`]); a live lock: [`Begin::InFlight`]; a completed, unexpired record: [`Begin::Completed`]. Both of the latter carry the stored fingerprint. |
+//! | [`complete`](Store::complete) | write the record with a ttl, **only if** the token still holds the lock (fencing) |
+//! | [`release`](Store::release) | drop the lock so a retry may run, same fencing |
+//! | [`extend`](Store::extend) | the heartbeat: push the lease end out, same fencing |
+//!
+//! A holder whose lease expired and was taken over learns `false` from
+//! `complete`, `release` and `extend`, and changes nothing.
+//!
+//! Time is the store's own: tokio's clock in [`MemoryStore`] (so tests can
+//! pause and advance it), the server's clock in Redis and PostgreSQL. No
+//! store trusts the application's wall clock. Expired records disappear
+//! without anyone calling a cleanup by hand.
+//!
+//! Third-party stores can prove themselves with the conformance suite behind
+//! the `test-util` feature.
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::fingerprint::{Fingerprint, hex_prefix};
+use crate::record::{DecodeError, Record};
+
+pub mod memory;
+
+pub use memory::MemoryStore;
+
+/// A boxed error, as tower uses.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The key a store files a record under: SHA-256 of the scope and the
+/// client's key. Fixed size, and neither the raw key nor the scope can be
+/// read back from it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct StoreKey([u8; 32]);
+
+impl StoreKey {
+    /// Wraps 32 raw bytes.
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The raw 32 bytes.
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Lower-case hex of all 32 bytes, for stores that key by text.
+    pub fn to_hex(&self) -> String {
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
+            s.push(char::from_digit(u32::from(b & 0xf), 16).unwrap_or('0'));
+        }
+        s
+    }
+
+    /// The first 16 hex characters: what log lines carry.
+    pub fn log_id(&self) -> String {
+        hex_prefix(&self.0)
+    }
+}
+
+impl Hash for StoreKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Already uniformly distributed: eight bytes are a perfect hash.
+        let mut eight = [0u8; 8];
+        eight.copy_from_slice(&self.0[8..16]);
+        state.write_u64(u64::from_le_bytes(eight));
+    }
+}
+
+impl fmt::Debug for StoreKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "StoreKey({})", self.log_id())
+    }
+}
+
+/// The proof of holding an in-flight lock. Fresh for every acquisition and
+/// never reused, so a holder whose lease was taken over cannot act on the
+/// new holder's lock.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LockToken(u128);
+
+impl LockToken {
+    /// A fresh random (v4 UUID) token.
+    pub fn new() -> Self {
+        Self(uuid::Uuid::new_v4().as_u128())
+    }
+
+    /// Wraps a token a store read back.
+    pub const fn from_u128(value: u128) -> Self {
+        Self(value)
+    }
+
+    /// The token as a number.
+    pub const fn as_u128(&self) -> u128 {
+        self.0
+    }
+
+    /// The token as 16 big-endian bytes.
+    pub const fn to_bytes(&self) -> [u8; 16] {
+        self.0.to_be_bytes()
+    }
+}
+
+impl Default for LockToken {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for LockToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LockToken({:08x}…)", (self.0 >> 96) as u32)
+    }
+}
+
+/// The outcome of [`Store::begin`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Begin {
+    /// The caller holds the lock and runs the request.
+    Acquired(LockToken),
+    /// Another caller holds a live lock for a request with this fingerprint.
+    InFlight {
+        /// The fingerprint of the request that holds the lock.
+        fingerprint: Fingerprint,
+    },
+    /// The request completed; replay this record.
+    Completed(Record),
+}
+
+/// A store operation failed.
+///
+/// The layer answers `503` with `Retry-After` (or forwards the request
+/// without idempotency, when configured to fail open) and logs the error
+/// with a hash of the key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The backend could not be reached or refused the connection.
+    #[error("idempotency store unavailable")]
+    Unavailable(#[source] BoxError),
+    /// The operation did not finish within its bound.
+    #[error("idempotency store timed out after {0:?}")]
+    Timeout(Duration),
+    /// A stored record could not be decoded.
+    #[error("idempotency record is corrupt")]
+    Corrupt(#[from] DecodeError),
+    /// The store is full of live locks and cannot take another.
+    #[error("idempotency store is at capacity")]
+    CapacityExceeded,
+    /// Any other backend failure.
+    #[error("idempotency store failed")]
+    Backend(#[source] BoxError),
+}
+
+impl StoreError {
+    /// Wraps a connection-level failure.
+    pub fn unavailable(err: impl Into<BoxError>) -> Self {
+        Self::Unavailable(err.into())
+    }
+
+    /// Wraps any other backend failure.
+    pub fn backend(err: impl Into<BoxError>) -> Self {
+        Self::Backend(err.into())
+    }
+}
+
+/// Where the layer locks, records and replays.
+///
+/// Every method is one atomic step against the backend. See the
+/// [module docs](self) for the contract, and the conformance suite (feature
+/// `test-util`) for its executable form.
+///
+/// The layer holds the store as `Arc<dyn Store>`, so stores need neither
+/// `Clone` nor `Debug`.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Takes the lock for `key`, or reports the current state.
+    ///
+    /// No record, or an in-flight record whose lease has expired: a fresh
+    /// lock with a lease of `lease` ([`Begin::Acquired`]). A live in-flight
+    /// record: [`Begin::InFlight`]. A completed unexpired record:
+    /// [`Begin::Completed`].
+    async fn begin(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, StoreError>;
+
+    /// Stores `record` for `ttl`, if `token` still holds the lock. Returns
+    /// `false`, changing nothing, if it does not.
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: &LockToken,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// Drops the lock, if `token` still holds it, so a retry may run.
+    async fn release(&self, key: &StoreKey, token: &LockToken) -> Result<bool, StoreError>;
+
+    /// Extends the lease to `lease` from now, if `token` still holds it.
+    async fn extend(
+        &self,
+        key: &StoreKey,
+        token: &LockToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError>;
+
+    /// Waits, at most `timeout`, until the in-flight record for `key` may
+    /// have changed (completed, released or expired). The caller calls
+    /// [`begin`](Store::begin) again afterwards; a spurious early return is
+    /// allowed.
+    ///
+    /// The default sleeps `min(timeout, 25 ms)`: a poll. Stores that can be
+    /// woken (such as [`MemoryStore`]) override it.
+    async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
+        let _ = key;
+        tokio::time::sleep(timeout.min(Duration::from_millis(25))).await;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
+    async fn begin(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, StoreError> {
+        (**self).begin(key, fingerprint, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: &LockToken,
+        record: &Record,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        (**self).complete(key, token, record, ttl).await
+    }
+    async fn release(&self, key: &StoreKey, token: &LockToken) -> Result<bool, StoreError> {
+        (**self).release(key, token).await
+    }
+    async fn extend(
+        &self,
+        key: &StoreKey,
+        token: &LockToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        (**self).extend(key, token, lease).await
+    }
+    async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
+        (**self).wait(key, timeout).await
+    }
+}
