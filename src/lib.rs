@@ -67,6 +67,10 @@
 //!
 //! # Feature flags
 //!
+//! - `redis`: [`RedisStore`](store::redis), records shared by every instance
+//!   through Redis.
+//! - `postgres`: [`PostgresStore`](store::postgres), durable records in
+//!   PostgreSQL through sqlx.
 //! - `test-util`: the store conformance suite ([`test_util`]) and a
 //!   fault-injecting store wrapper.
 //!
@@ -100,3 +104,9 @@ pub use problem::Rejection;
 pub use record::{Record, RecordKind};
 pub use service::Idempotency;
 pub use store::{Begin, BoxError, LockToken, MemoryStore, Store, StoreError, StoreKey};
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use store::PostgresStore;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use store::RedisStore;
