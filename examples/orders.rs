@@ -1,1 +1,130 @@
-fn main() {}
+//! An order service whose `POST /orders` is safe to retry.
+//!
+//! Run with `cargo run --example orders` (in-memory store). With
+//! `--features redis` and `REDIS_URL` set, records live in Redis; with
+//! `--features postgres` and `DATABASE_URL` set, in PostgreSQL.
+//!
+//! - `POST /orders` with JSON `{"item": string, "qty": integer}` and an
+//!   `Idempotency-Key` header (required): creates an order with a fresh
+//!   UUID and answers 201 with the order as JSON. Retries replay it.
+//! - `GET /orders`: every order created so far, as a JSON array.
+//!
+//! Environment: `PORT` (default 3000, on 127.0.0.1), `ORDERS_DELAY_MS`
+//! (the handler sleeps this long before creating the order, as a slow
+//! payment provider would), `RUST_LOG` (for example
+//! `RUST_LOG=tower_idempotency=debug`).
+//!
+//! ```text
+//! curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: "k1"' \
+//!      -H 'Content-Type: application/json' -d '{"item":"book","qty":1}'
+//! ```
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tower_idempotency::{IdempotencyLayer, MemoryStore, Store};
+
+#[derive(Deserialize)]
+struct NewOrder {
+    item: String,
+    qty: i64,
+}
+
+#[derive(Clone, Serialize)]
+struct Order {
+    id: String,
+    item: String,
+    qty: i64,
+}
+
+#[derive(Clone)]
+struct App {
+    orders: Arc<Mutex<Vec<Order>>>,
+    delay: Duration,
+}
+
+async fn create_order(
+    State(app): State<App>,
+    Json(new): Json<NewOrder>,
+) -> (StatusCode, Json<Order>) {
+    if !app.delay.is_zero() {
+        tokio::time::sleep(app.delay).await;
+    }
+    let order = Order {
+        id: uuid::Uuid::new_v4().to_string(),
+        item: new.item,
+        qty: new.qty,
+    };
+    app.orders
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(order.clone());
+    tracing::info!(id = %order.id, "order created");
+    (StatusCode::CREATED, Json(order))
+}
+
+async fn list_orders(State(app): State<App>) -> Json<Vec<Order>> {
+    Json(app.orders.lock().unwrap_or_else(|e| e.into_inner()).clone())
+}
+
+/// The store named by the environment: Redis, PostgreSQL, or memory.
+async fn store() -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
+    #[cfg(feature = "redis")]
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        tracing::info!("using RedisStore");
+        return Ok(Arc::new(
+            tower_idempotency::RedisStore::from_url(&url).await?,
+        ));
+    }
+    #[cfg(feature = "postgres")]
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        tracing::info!("using PostgresStore");
+        let pool = sqlx::PgPool::connect(&url).await?;
+        let store = tower_idempotency::PostgresStore::new(pool);
+        store.migrate().await?;
+        store.spawn_sweeper(Duration::from_secs(60), 1000);
+        return Ok(Arc::new(store));
+    }
+    tracing::info!("using MemoryStore");
+    Ok(Arc::new(MemoryStore::new()))
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,tower_idempotency=debug".into()),
+        )
+        .init();
+
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .map(|p| p.parse())
+        .transpose()?
+        .unwrap_or(3000);
+    let delay_ms: u64 = std::env::var("ORDERS_DELAY_MS")
+        .ok()
+        .map(|d| d.parse())
+        .transpose()?
+        .unwrap_or(0);
+
+    let app = App {
+        orders: Arc::default(),
+        delay: Duration::from_millis(delay_ms),
+    };
+    let router = Router::new()
+        .route("/orders", post(create_order).get(list_orders))
+        .layer(IdempotencyLayer::from_arc(store().await?).with_require_key(true))
+        .with_state(app);
+
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    tracing::info!("listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, router).await?;
+    Ok(())
+}

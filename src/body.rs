@@ -160,6 +160,112 @@ where
     }
 }
 
+pin_project! {
+    /// A request body for servers whose own body type cannot be rebuilt
+    /// from bytes (hyper's `Incoming`): either the original stream, or the
+    /// bytes the layer buffered. axum users never need it, since axum's
+    /// `Body` already implements `From<Bytes>`.
+    ///
+    /// Map the request once, outside the layer:
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::{Request, Response};
+    /// use http_body_util::Full;
+    /// use tower::ServiceBuilder;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore, RequestBody};
+    ///
+    /// async fn handler<B>(_req: Request<RequestBody<B>>) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    ///     Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    /// }
+    ///
+    /// # fn build<B: http_body::Body + Send + 'static>() {
+    /// let svc = ServiceBuilder::new()
+    ///     .map_request(|req: Request<B>| req.map(RequestBody::new))
+    ///     .layer(IdempotencyLayer::new(MemoryStore::new()))
+    ///     .service_fn(handler::<B>);
+    /// # let _ = svc;
+    /// # }
+    /// ```
+    pub struct RequestBody<B> {
+        #[pin]
+        kind: ReqKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = ReqKindProj]
+    enum ReqKind<B> {
+        Stream {
+            #[pin]
+            body: B,
+        },
+        Buffered {
+            data: Option<Bytes>,
+        },
+    }
+}
+
+impl<B> RequestBody<B> {
+    /// Wraps the server's body.
+    pub fn new(body: B) -> Self {
+        Self {
+            kind: ReqKind::Stream { body },
+        }
+    }
+}
+
+impl<B> From<Bytes> for RequestBody<B> {
+    fn from(data: Bytes) -> Self {
+        Self {
+            kind: ReqKind::Buffered {
+                data: (!data.is_empty()).then_some(data),
+            },
+        }
+    }
+}
+
+impl<B> fmt::Debug for RequestBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match &self.kind {
+            ReqKind::Stream { .. } => "Stream",
+            ReqKind::Buffered { .. } => "Buffered",
+        };
+        f.debug_tuple("RequestBody").field(&name).finish()
+    }
+}
+
+impl<B: Body> Body for RequestBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            ReqKindProj::Stream { body } => to_bytes(body.poll_frame(cx)),
+            ReqKindProj::Buffered { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            ReqKind::Stream { body } => body.is_end_stream(),
+            ReqKind::Buffered { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            ReqKind::Stream { body } => body.size_hint(),
+            ReqKind::Buffered { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
+
 /// Appends chunks, copying only when there is more than one.
 #[derive(Default)]
 pub(crate) struct Buffer {

@@ -95,7 +95,7 @@ pub mod test_util;
 #[cfg(test)]
 mod test_helpers;
 
-pub use body::ResponseBody;
+pub use body::{RequestBody, ResponseBody};
 pub use fingerprint::{Fingerprint, FingerprintConfig};
 pub use future::ResponseFuture;
 pub use key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};

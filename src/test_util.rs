@@ -75,7 +75,12 @@ pub fn sample_record(fingerprint: Fingerprint, len: usize) -> Record {
 const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(3600);
 
-async fn acquire(store: &dyn Store, key: &StoreKey, fingerprint: &Fingerprint, lease: Duration) -> LockToken {
+async fn acquire(
+    store: &dyn Store,
+    key: &StoreKey,
+    fingerprint: &Fingerprint,
+    lease: Duration,
+) -> LockToken {
     match store.begin(key, fingerprint, lease).await {
         Ok(Begin::Acquired(token)) => token,
         other => panic!("expected Acquired, got {other:?}"),
@@ -96,7 +101,9 @@ pub async fn begin_is_exclusive(store: Arc<dyn Store>) {
     let mut tasks = Vec::new();
     for _ in 0..64 {
         let store = store.clone();
-        tasks.push(tokio::spawn(async move { store.begin(&key, &fp(1), LEASE).await }));
+        tasks.push(tokio::spawn(async move {
+            store.begin(&key, &fp(1), LEASE).await
+        }));
     }
     let mut acquired = 0;
     for task in tasks {
@@ -133,7 +140,12 @@ pub async fn stored_fingerprint_is_returned(store: Arc<dyn Store>) {
         Begin::InFlight { fingerprint } => assert_eq!(fingerprint, fp(3)),
         other => panic!("expected InFlight, got {other:?}"),
     }
-    assert!(store.complete(&key, &token, &sample_record(fp(3), 8), TTL).await.unwrap());
+    assert!(
+        store
+            .complete(&key, &token, &sample_record(fp(3), 8), TTL)
+            .await
+            .unwrap()
+    );
     match store.begin(&key, &fp(4), LEASE).await.unwrap() {
         Begin::Completed(record) => assert_eq!(*record.fingerprint(), fp(3)),
         other => panic!("expected Completed, got {other:?}"),
@@ -172,7 +184,12 @@ pub async fn release_allows_retry(store: Arc<dyn Store>) {
     let again = acquire(&*store, &key, &fp(6), LEASE).await;
     assert_ne!(token, again);
     assert!(!store.release(&key, &token).await.unwrap());
-    assert!(!store.complete(&key, &token, &sample_record(fp(6), 1), TTL).await.unwrap());
+    assert!(
+        !store
+            .complete(&key, &token, &sample_record(fp(6), 1), TTL)
+            .await
+            .unwrap()
+    );
     assert!(store.release(&key, &again).await.unwrap());
 }
 
@@ -202,7 +219,12 @@ pub async fn ttl_expires(store: Arc<dyn Store>) {
     let key = random_key();
     let token = acquire(&*store, &key, &fp(8), LEASE).await;
     let ttl = Duration::from_millis(300);
-    assert!(store.complete(&key, &token, &sample_record(fp(8), 4), ttl).await.unwrap());
+    assert!(
+        store
+            .complete(&key, &token, &sample_record(fp(8), 4), ttl)
+            .await
+            .unwrap()
+    );
     completed(&*store, &key).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     acquire(&*store, &key, &fp(8), LEASE).await;
@@ -216,14 +238,22 @@ pub async fn large_record_round_trip(store: Arc<dyn Store>) {
     assert!(store.complete(&key, &token, &record, TTL).await.unwrap());
     let replay = completed(&*store, &key).await;
     assert_eq!(replay.body().len(), record.body().len());
-    assert!(replay == record, "4 MiB record differs after the round trip");
+    assert!(
+        replay == record,
+        "4 MiB record differs after the round trip"
+    );
 }
 
 /// Completing a key nobody locked is refused and writes nothing.
 pub async fn complete_without_lock_is_refused(store: Arc<dyn Store>) {
     let key = random_key();
     let stranger = LockToken::new();
-    assert!(!store.complete(&key, &stranger, &sample_record(fp(10), 4), TTL).await.unwrap());
+    assert!(
+        !store
+            .complete(&key, &stranger, &sample_record(fp(10), 4), TTL)
+            .await
+            .unwrap()
+    );
     assert!(!store.extend(&key, &stranger, LEASE).await.unwrap());
     assert!(!store.release(&key, &stranger).await.unwrap());
     acquire(&*store, &key, &fp(10), LEASE).await;
@@ -235,7 +265,12 @@ pub async fn keys_are_independent(store: Arc<dyn Store>) {
     let b = random_key();
     let ta = acquire(&*store, &a, &fp(11), LEASE).await;
     let tb = acquire(&*store, &b, &fp(12), LEASE).await;
-    assert!(store.complete(&a, &ta, &sample_record(fp(11), 1), TTL).await.unwrap());
+    assert!(
+        store
+            .complete(&a, &ta, &sample_record(fp(11), 1), TTL)
+            .await
+            .unwrap()
+    );
     assert!(matches!(
         store.begin(&b, &fp(12), LEASE).await.unwrap(),
         Begin::InFlight { .. }

@@ -1,0 +1,932 @@
+//! The layer's behaviour through a real axum `Router`.
+
+mod common;
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::routing::post;
+use bytes::Bytes;
+use common::*;
+use http_body::Frame;
+use tower::ServiceExt;
+use tower_idempotency::test_util::{Fault, FaultyStore, Op};
+use tower_idempotency::{
+    Begin, Fingerprint, FingerprintConfig, IdempotencyKey, IdempotencyLayer, InFlightPolicy,
+    MemoryStore, Rejection, Retention, Store, StoreErrorPolicy, StoreKey,
+};
+
+fn app_with(layer: IdempotencyLayer) -> (Router, Counter) {
+    let counter = Counter::default();
+    (router(counter.clone()).layer(layer), counter)
+}
+
+fn app() -> (Router, Counter) {
+    app_with(IdempotencyLayer::new(MemoryStore::new()))
+}
+
+fn req(method: &str, key: Option<&str>) -> axum::http::request::Builder {
+    let mut b = Request::builder().method(method).uri("/orders");
+    if let Some(key) = key {
+        b = b.header("idempotency-key", key);
+    }
+    b
+}
+
+// 1. Covered methods.
+
+#[tokio::test]
+async fn uncovered_methods_pass_through_untouched_and_unbuffered() {
+    let (app, counter) = app();
+    for _ in 0..2 {
+        let (status, headers, _) =
+            send(&app, req("PUT", Some("k")).body(Body::from("x")).unwrap()).await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert!(headers.get("idempotent-replayed").is_none());
+    }
+    assert_eq!(counter.get(), 2);
+
+    // A body that fails when read: the layer must not read it for GET.
+    struct Failing;
+    impl http_body::Body for Failing {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            Poll::Ready(Some(Err(std::io::Error::other("boom"))))
+        }
+    }
+    let svc = tower::ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(MemoryStore::new()))
+        .service_fn(
+            |req: Request<tower_idempotency::RequestBody<Failing>>| async move {
+                // The handler never reads the body either: it is untouched.
+                assert!(matches!(
+                    format!("{:?}", req.body()).as_str(),
+                    "RequestBody(\"Stream\")"
+                ));
+                Ok::<_, Infallible>(axum::http::Response::new(http_body_util::Full::new(
+                    Bytes::from_static(b"ok"),
+                )))
+            },
+        );
+    let r = Request::get("/orders")
+        .header("idempotency-key", "k")
+        .body(tower_idempotency::RequestBody::new(Failing))
+        .unwrap();
+    let res = svc.oneshot(r).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+
+    // And a covered method reads it: the failure is a 400 problem.
+    let svc = tower::ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(MemoryStore::new()))
+        .service_fn(
+            |_req: Request<tower_idempotency::RequestBody<Failing>>| async move {
+                Ok::<_, Infallible>(axum::http::Response::new(http_body_util::Full::new(
+                    Bytes::new(),
+                )))
+            },
+        );
+    let r = Request::post("/orders")
+        .header("idempotency-key", "k")
+        .body(tower_idempotency::RequestBody::new(Failing))
+        .unwrap();
+    let res = svc.oneshot(r).await.unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        res.extensions().get::<Rejection>(),
+        Some(&Rejection::BodyUnreadable)
+    );
+}
+
+#[tokio::test]
+async fn methods_are_configurable() {
+    let (app, counter) =
+        app_with(IdempotencyLayer::new(MemoryStore::new()).with_methods([axum::http::Method::PUT]));
+    for _ in 0..2 {
+        send(&app, req("PUT", Some("k")).body(Body::from("x")).unwrap()).await;
+    }
+    assert_eq!(counter.get(), 1);
+    for _ in 0..2 {
+        call_post(&app, Some("k2"), "x").await;
+    }
+    assert_eq!(counter.get(), 3, "POST is no longer covered");
+}
+
+// 2. Keys.
+
+#[tokio::test]
+async fn sf_string_and_bare_token_name_the_same_key() {
+    let (app, counter) = app();
+    let (s1, _, b1) = call_post(&app, Some("\"order-1\""), "{}").await;
+    let (s2, h2, b2) = call_post(&app, Some("order-1"), "{}").await;
+    assert_eq!(s1, StatusCode::CREATED);
+    assert_eq!((s2, b2), (s1, b1));
+    assert_eq!(h2["idempotent-replayed"], "true");
+    assert_eq!(counter.get(), 1);
+}
+
+#[tokio::test]
+async fn missing_key_passes_through_unless_required() {
+    let (app, counter) = app();
+    call_post(&app, None, "{}").await;
+    call_post(&app, None, "{}").await;
+    assert_eq!(counter.get(), 2);
+
+    let (app, counter) = app_with(IdempotencyLayer::new(MemoryStore::new()).with_require_key(true));
+    let (status, headers, body) = call_post(&app, None, "{}").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        problem_type(&problem(status, &headers, &body)),
+        "key-missing"
+    );
+    assert_eq!(counter.get(), 0);
+}
+
+#[tokio::test]
+async fn invalid_keys_are_400_problems() {
+    let (app, counter) = app();
+    let long = "k".repeat(256);
+    for bad in [
+        "",
+        "\"\"",
+        "a b",
+        "\"unterminated",
+        long.as_str(),
+        "caf\u{e9}",
+    ] {
+        let r = post_req(None)
+            .header(
+                "idempotency-key",
+                axum::http::HeaderValue::from_bytes(bad.as_bytes()).unwrap(),
+            )
+            .body(Body::from("{}"))
+            .unwrap();
+        let (status, headers, body) = send(&app, r).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad:?}");
+        assert_eq!(
+            problem_type(&problem(status, &headers, &body)),
+            "key-invalid"
+        );
+    }
+    // Two key fields.
+    let r = post_req(Some("a"))
+        .header("idempotency-key", "b")
+        .body(Body::from("{}"))
+        .unwrap();
+    let (status, _, _) = send(&app, r).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(counter.get(), 0);
+}
+
+#[tokio::test]
+async fn key_header_and_bounds_are_configurable() {
+    let (app, counter) = app_with(
+        IdempotencyLayer::new(MemoryStore::new())
+            .with_header(axum::http::HeaderName::from_static("x-delivery-id"))
+            .with_key_length(4, 8),
+    );
+    let send_with = |id: &'static str| {
+        post_req(None)
+            .header("x-delivery-id", id)
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    assert_eq!(send(&app, send_with("abcd")).await.0, StatusCode::CREATED);
+    assert_eq!(
+        send(&app, send_with("abcd")).await.1["idempotent-replayed"],
+        "true"
+    );
+    assert_eq!(
+        send(&app, send_with("abc")).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        send(&app, send_with("abcdefghi")).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(counter.get(), 1);
+}
+
+// 3. Body limit.
+
+#[tokio::test]
+async fn oversized_request_body_is_413_before_the_store() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let (app, counter) =
+        app_with(IdempotencyLayer::from_arc(store.clone()).with_max_request_body(16));
+    // Declared by Content-Length.
+    let (status, headers, body) = call_post(&app, Some("k"), &"x".repeat(17)).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        problem_type(&problem(status, &headers, &body)),
+        "body-too-large"
+    );
+    // Streamed without a length.
+    let chunks: Vec<Result<Frame<Bytes>, Infallible>> = (0..5)
+        .map(|_| Ok(Frame::data(Bytes::from_static(b"abcd"))))
+        .collect();
+    let stream = http_body_util::StreamBody::new(tokio_stream_from(chunks));
+    let r = post_req(Some("k")).body(Body::new(stream)).unwrap();
+    let (status, _, _) = send(&app, r).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(store.calls(Op::Begin), 0);
+    assert_eq!(counter.get(), 0);
+    // At the limit it runs.
+    assert_eq!(
+        call_post(&app, Some("k"), &"x".repeat(16)).await.0,
+        StatusCode::CREATED
+    );
+}
+
+fn tokio_stream_from<T: Unpin + Send + 'static>(
+    items: Vec<T>,
+) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::iter(items)
+}
+
+// 4. begin outcomes.
+
+#[tokio::test]
+async fn replay_is_exact_and_marked() {
+    let (app, counter) = app();
+    let (s1, h1, b1) = call_post(&app, Some("k"), "{\"item\":\"book\"}").await;
+    let (s2, h2, b2) = call_post(&app, Some("k"), "{\"item\":\"book\"}").await;
+    assert_eq!(counter.get(), 1);
+    assert_eq!(s2, s1);
+    assert_eq!(b2, b1);
+    assert_eq!(&b2[..], b"{\"item\":\"book\"}");
+    let cookies: Vec<_> = h2.get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["a=1", "b=2"]);
+    assert_eq!(h2["x-execution"], h1["x-execution"]);
+    assert_eq!(h2["idempotent-replayed"], "true");
+    assert!(h1.get("idempotent-replayed").is_none());
+    // Hop-by-hop headers and Date are not replayed.
+    assert!(h2.get("keep-alive").is_none());
+    assert!(h2.get("date").is_none());
+}
+
+#[tokio::test]
+async fn different_request_under_a_used_key_is_422() {
+    let (app, counter) = app();
+    call_post(&app, Some("k"), "{\"qty\":1}").await;
+    let (status, headers, body) = call_post(&app, Some("k"), "{\"qty\":2}").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        problem_type(&problem(status, &headers, &body)),
+        "key-reused"
+    );
+    // Another method on the same key: also a different request.
+    let (status, _, _) = send(
+        &app,
+        req("PATCH", Some("k"))
+            .body(Body::from("{\"qty\":1}"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(counter.get(), 1);
+}
+
+#[tokio::test]
+async fn same_body_under_another_key_is_not_a_conflict() {
+    let (app, counter) = app();
+    call_post(&app, Some("k1"), "{\"qty\":1}").await;
+    assert_eq!(
+        call_post(&app, Some("k2"), "{\"qty\":1}").await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(counter.get(), 2);
+}
+
+#[tokio::test]
+async fn in_flight_duplicate_is_409_and_mismatch_wins() {
+    let (app, counter) = app();
+    let first = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            send(
+                &app,
+                post_req(Some("k"))
+                    .header("x-delay-ms", "300")
+                    .body(Body::from("a"))
+                    .unwrap(),
+            )
+            .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, headers, body) = send(
+        &app,
+        post_req(Some("k"))
+            .header("x-delay-ms", "300")
+            .body(Body::from("a"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(
+        problem_type(&problem(status, &headers, &body)),
+        "request-in-flight"
+    );
+    // A different body while in flight: 422, not 409.
+    let (status, _, _) = call_post(&app, Some("k"), "b").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
+    assert_eq!(counter.get(), 1);
+}
+
+#[tokio::test]
+async fn wait_policy_replays_when_the_first_finishes() {
+    let (app, counter) = app_with(
+        IdempotencyLayer::new(MemoryStore::new())
+            .with_in_flight(InFlightPolicy::Wait(Duration::from_secs(5))),
+    );
+    let slow = |app: Router| async move {
+        send(
+            &app,
+            post_req(Some("k"))
+                .header("x-delay-ms", "300")
+                .body(Body::from("a"))
+                .unwrap(),
+        )
+        .await
+    };
+    let first = tokio::spawn(slow(app.clone()));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = std::time::Instant::now();
+    let (status, headers, _) = slow(app.clone()).await;
+    let waited = started.elapsed();
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(headers["idempotent-replayed"], "true");
+    // Woken by the completion (about 250 ms), not by the 5 s bound.
+    assert!(waited < Duration::from_secs(2), "{waited:?}");
+    first.await.unwrap();
+    assert_eq!(counter.get(), 1);
+
+    // The bound passes first: 409.
+    let (app, _) = app_with(
+        IdempotencyLayer::new(MemoryStore::new())
+            .with_in_flight(InFlightPolicy::Wait(Duration::from_millis(50))),
+    );
+    let first = tokio::spawn(slow(app.clone()));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(slow(app.clone()).await.0, StatusCode::CONFLICT);
+    first.await.unwrap();
+}
+
+#[tokio::test]
+async fn hundred_concurrent_duplicates_run_once() {
+    let (app, counter) = app();
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            send(
+                &app,
+                post_req(Some("storm"))
+                    .header("x-delay-ms", "100")
+                    .body(Body::from("{}"))
+                    .unwrap(),
+            )
+            .await
+        }));
+    }
+    let mut created = 0;
+    for t in tasks {
+        let (status, headers, _) = t.await.unwrap();
+        match status {
+            StatusCode::CREATED if headers.get("idempotent-replayed").is_none() => created += 1,
+            StatusCode::CREATED | StatusCode::CONFLICT => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(created, 1);
+    assert_eq!(counter.get(), 1);
+}
+
+// 5. Recording policy.
+
+#[tokio::test]
+async fn server_errors_are_released_and_retried() {
+    let (app, counter) = app();
+    let fail = || {
+        post_req(Some("k"))
+            .header("x-status", "500")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    assert_eq!(
+        send(&app, fail()).await.0,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(
+        send(&app, fail()).await.0,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(counter.get(), 2);
+    // Rate limits and credentials are not recorded either.
+    for status in ["429", "401"] {
+        let r = || {
+            post_req(Some(status))
+                .header("x-status", status)
+                .body(Body::from("{}"))
+                .unwrap()
+        };
+        send(&app, r()).await;
+        send(&app, r()).await;
+    }
+    assert_eq!(counter.get(), 6);
+    // A 404 is.
+    let r = || {
+        post_req(Some("nf"))
+            .header("x-status", "404")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    send(&app, r()).await;
+    assert_eq!(send(&app, r()).await.1["idempotent-replayed"], "true");
+    assert_eq!(counter.get(), 7);
+}
+
+#[tokio::test]
+async fn recording_policy_is_configurable() {
+    let (app, counter) = app_with(
+        IdempotencyLayer::new(MemoryStore::new())
+            .with_record_if(|s| s.is_success() || s.is_server_error()),
+    );
+    let r = || {
+        post_req(Some("k"))
+            .header("x-status", "503")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    send(&app, r()).await;
+    assert_eq!(send(&app, r()).await.1["idempotent-replayed"], "true");
+    assert_eq!(counter.get(), 1);
+}
+
+#[tokio::test]
+async fn handler_panic_is_500_and_releases_the_key() {
+    let (app, counter) = app();
+    let (status, headers, body) = send(
+        &app,
+        post_req(Some("k"))
+            .header("x-panic", "1")
+            .body(Body::from("{}"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        problem_type(&problem(status, &headers, &body)),
+        "handler-panicked"
+    );
+    let (status, _, _) = call_post(&app, Some("k"), "{}").await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(counter.get(), 2);
+}
+
+#[tokio::test]
+async fn inner_error_releases_the_key() {
+    let store = Arc::new(MemoryStore::new());
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = calls.clone();
+    let svc = tower::ServiceBuilder::new()
+        .layer(IdempotencyLayer::from_arc(store.clone()))
+        .service_fn(move |_req: Request<Body>| {
+            let n = c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    Err(std::io::Error::other("inner failure"))
+                } else {
+                    Ok(axum::http::Response::new(Body::from("ok")))
+                }
+            }
+        });
+    let r = || post_req(Some("k")).body(Body::from("{}")).unwrap();
+    assert!(
+        svc.clone().oneshot(r()).await.is_err(),
+        "the inner error type is kept"
+    );
+    let res = svc.clone().oneshot(r()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn handler_overrides_recording_per_response() {
+    async fn h(headers: axum::http::HeaderMap) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        match headers["x-mode"].to_str().unwrap() {
+            "skip" => (
+                StatusCode::OK,
+                axum::Extension(Retention::DoNotRecord),
+                "skip",
+            )
+                .into_response(),
+            "force" => (
+                StatusCode::BAD_GATEWAY,
+                axum::Extension(Retention::Record),
+                "force",
+            )
+                .into_response(),
+            _ => (
+                StatusCode::OK,
+                axum::Extension(Retention::RecordFor(Duration::from_secs(60))),
+                "short",
+            )
+                .into_response(),
+        }
+    }
+    let app = Router::new()
+        .route("/orders", post(h))
+        .layer(IdempotencyLayer::new(MemoryStore::new()));
+    let r = |key: &str, mode: &str| {
+        post_req(Some(key))
+            .header("x-mode", mode)
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    send(&app, r("a", "skip")).await;
+    assert!(
+        send(&app, r("a", "skip"))
+            .await
+            .1
+            .get("idempotent-replayed")
+            .is_none()
+    );
+    send(&app, r("b", "force")).await;
+    let (status, headers, _) = send(&app, r("b", "force")).await;
+    assert_eq!(
+        (status, &headers["idempotent-replayed"]),
+        (
+            StatusCode::BAD_GATEWAY,
+            &"true".parse::<axum::http::HeaderValue>().unwrap()
+        )
+    );
+    send(&app, r("c", "ttl")).await;
+    assert_eq!(
+        send(&app, r("c", "ttl")).await.1["idempotent-replayed"],
+        "true"
+    );
+    tokio::time::advance(Duration::from_secs(61)).await;
+    assert!(
+        send(&app, r("c", "ttl"))
+            .await
+            .1
+            .get("idempotent-replayed")
+            .is_none(),
+        "expired after its own ttl"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn records_expire_after_the_ttl() {
+    let (app, counter) =
+        app_with(IdempotencyLayer::new(MemoryStore::new()).with_ttl(Duration::from_secs(3600)));
+    call_post(&app, Some("k"), "{}").await;
+    tokio::time::advance(Duration::from_secs(3599)).await;
+    assert_eq!(
+        call_post(&app, Some("k"), "{}").await.1["idempotent-replayed"],
+        "true"
+    );
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert!(
+        call_post(&app, Some("k"), "{}")
+            .await
+            .1
+            .get("idempotent-replayed")
+            .is_none()
+    );
+    assert_eq!(counter.get(), 2);
+}
+
+// 6. Run to completion.
+
+#[tokio::test]
+async fn dropped_request_still_completes_and_the_retry_replays() {
+    let (app, counter) = app();
+    let r = || {
+        post_req(Some("k"))
+            .header("x-delay-ms", "200")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    // The client gives up after 50 ms: the response future is dropped.
+    let res = tokio::time::timeout(Duration::from_millis(50), app.clone().oneshot(r())).await;
+    assert!(res.is_err());
+    assert_eq!(counter.get(), 1, "the handler had started");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (status, headers, _) = send(&app, r()).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(headers["idempotent-replayed"], "true");
+    assert_eq!(counter.get(), 1);
+}
+
+// 7. Lease and heartbeat.
+
+#[tokio::test(start_paused = true)]
+async fn heartbeat_keeps_a_long_handler_locked() {
+    let (app, counter) =
+        app_with(IdempotencyLayer::new(MemoryStore::new()).with_lease(Duration::from_secs(3)));
+    let r = || {
+        post_req(Some("k"))
+            .header("x-delay-ms", "10000")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, r()).await }
+    });
+    // Three leases later, the lock is still held.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(send(&app, r()).await.0, StatusCode::CONFLICT);
+    assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
+    assert_eq!(send(&app, r()).await.1["idempotent-replayed"], "true");
+    assert_eq!(counter.get(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_holders_lock_is_taken_over_after_the_lease() {
+    let store = Arc::new(MemoryStore::new());
+    let layer = IdempotencyLayer::from_arc(store.clone());
+    let (app, counter) = app_with(layer);
+    // A live handler whose client left keeps its lock.
+    let r = || {
+        post_req(Some("k"))
+            .header("x-delay-ms", "100000000")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    let stuck = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, r()).await }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stuck.abort(); // the client is gone, but the handler runs on: still locked
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(
+        call_post(&app, Some("k"), "{}").await.0,
+        StatusCode::CONFLICT,
+        "heartbeats keep a live handler's lock"
+    );
+    assert_eq!(counter.get(), 1);
+
+    // A lock whose holder is truly gone (no heartbeat) lapses after the lease.
+    let dead_key = StoreKey::from_bytes([42; 32]);
+    let fp = Fingerprint::from_bytes([1; 32]);
+    assert!(matches!(
+        store
+            .begin(&dead_key, &fp, Duration::from_secs(30))
+            .await
+            .unwrap(),
+        Begin::Acquired(_)
+    ));
+    assert!(matches!(
+        store
+            .begin(&dead_key, &fp, Duration::from_secs(30))
+            .await
+            .unwrap(),
+        Begin::InFlight { .. }
+    ));
+    tokio::time::advance(Duration::from_secs(31)).await;
+    assert!(matches!(
+        store
+            .begin(&dead_key, &fp, Duration::from_secs(30))
+            .await
+            .unwrap(),
+        Begin::Acquired(_)
+    ));
+}
+
+// 8. Store failure.
+
+#[tokio::test]
+async fn store_failure_is_503_or_fails_open() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    store.inject(Op::Begin, Fault::Fail, 1);
+    let (app, counter) = app_with(IdempotencyLayer::from_arc(store.clone()));
+    let (status, headers, body) = call_post(&app, Some("k"), "{}").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(
+        problem_type(&problem(status, &headers, &body)),
+        "store-unavailable"
+    );
+    assert_eq!(counter.get(), 0);
+
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    store.inject(Op::Begin, Fault::Fail, 1);
+    let (app, counter) = app_with(
+        IdempotencyLayer::from_arc(store.clone())
+            .with_store_error_policy(StoreErrorPolicy::FailOpen),
+    );
+    assert_eq!(
+        call_post(&app, Some("k"), "{}").await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(counter.get(), 1);
+}
+
+#[tokio::test]
+async fn hung_store_is_bounded_by_the_timeout() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    store.inject(Op::Begin, Fault::Hang, 1);
+    let (app, counter) = app_with(
+        IdempotencyLayer::from_arc(store.clone()).with_store_timeout(Duration::from_millis(100)),
+    );
+    let started = std::time::Instant::now();
+    assert_eq!(
+        call_post(&app, Some("k"), "{}").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert!(started.elapsed() < Duration::from_secs(1));
+    assert_eq!(counter.get(), 0);
+}
+
+#[tokio::test]
+async fn failed_completion_still_answers_and_is_retried() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    store.inject(Op::Complete, Fault::Fail, 1);
+    let (app, counter) = app_with(IdempotencyLayer::from_arc(store.clone()));
+    let (status, _, body) = call_post(&app, Some("k"), "{\"a\":1}").await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(&body[..], b"{\"a\":1}");
+    // The background retry writes the record.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.calls(Op::Complete), 2);
+    assert_eq!(
+        call_post(&app, Some("k"), "{\"a\":1}").await.1["idempotent-replayed"],
+        "true"
+    );
+    assert_eq!(counter.get(), 1);
+}
+
+// 9. Oversized responses.
+
+#[tokio::test]
+async fn oversized_response_reaches_the_client_and_leaves_a_tombstone() {
+    let (app, counter) =
+        app_with(IdempotencyLayer::new(MemoryStore::new()).with_max_response_body(1024));
+    let r = || {
+        post_req(Some("k"))
+            .header("x-size", "5000")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    let (status, _, body) = send(&app, r()).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(body.len(), 5000);
+    let (status, headers, body) = send(&app, r()).await;
+    assert_eq!(status, StatusCode::GONE);
+    let p = problem(status, &headers, &body);
+    assert_eq!(problem_type(&p), "response-not-stored");
+    assert_eq!(p["original_status"], 201);
+    assert_eq!(headers["idempotent-replayed"], "true");
+    assert_eq!(counter.get(), 1, "never runs again");
+}
+
+// 10. Scope.
+
+#[tokio::test]
+async fn scopes_separate_tenants() {
+    let (app, counter) = app_with(
+        IdempotencyLayer::new(MemoryStore::new()).with_scope(|parts| {
+            parts
+                .headers
+                .get("x-tenant")?
+                .to_str()
+                .ok()
+                .map(str::to_owned)
+        }),
+    );
+    let r = |tenant: &str| {
+        post_req(Some("same-key"))
+            .header("x-tenant", tenant)
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    let (_, a1, _) = send(&app, r("a")).await;
+    let (_, b1, _) = send(&app, r("b")).await;
+    assert!(
+        b1.get("idempotent-replayed").is_none(),
+        "tenant b never sees tenant a's response"
+    );
+    assert_ne!(a1["x-execution"], b1["x-execution"]);
+    let (_, a2, _) = send(&app, r("a")).await;
+    assert_eq!(a2["x-execution"], a1["x-execution"]);
+    assert_eq!(counter.get(), 2);
+}
+
+// 11. The key in the extensions.
+
+#[tokio::test]
+async fn handler_sees_the_validated_key() {
+    async fn h(axum::Extension(key): axum::Extension<IdempotencyKey>) -> String {
+        format!("{}|{}", key.as_str(), key.derive("psp"))
+    }
+    let app = Router::new()
+        .route("/orders", post(h))
+        .layer(IdempotencyLayer::new(MemoryStore::new()));
+    let (_, _, body) = call_post(&app, Some("\"abc\""), "{}").await;
+    let body = String::from_utf8(body.to_vec()).unwrap();
+    let (key, derived) = body.split_once('|').unwrap();
+    assert_eq!(key, "abc");
+    assert_eq!(derived.len(), 64);
+}
+
+// 12. Composition.
+
+#[tokio::test]
+async fn composes_with_route_layer_from_fn_and_tower_http() {
+    use axum::middleware::{self, Next};
+    async fn mark(req: axum::extract::Request, next: Next) -> axum::response::Response {
+        let mut res = next.run(req).await;
+        res.headers_mut().insert("x-outer", "1".parse().unwrap());
+        res
+    }
+    let counter = Counter::default();
+    let app = Router::new()
+        .route("/orders", post(handler))
+        .route_layer(IdempotencyLayer::new(MemoryStore::new()).with_require_key(true))
+        .layer(middleware::from_fn(mark))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(1024))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(counter.clone());
+    let (status, headers, _) = call_post(&app, Some("k"), "{}").await;
+    assert_eq!(
+        (status, &headers["x-outer"]),
+        (
+            StatusCode::CREATED,
+            &"1".parse::<axum::http::HeaderValue>().unwrap()
+        )
+    );
+    assert_eq!(
+        call_post(&app, Some("k"), "{}").await.1["idempotent-replayed"],
+        "true"
+    );
+
+    // The other order: the layer outermost, from_fn and tower-http inside.
+    let app = Router::new()
+        .route("/orders", post(handler))
+        .layer(middleware::from_fn(mark))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(1024))
+        .layer(IdempotencyLayer::new(MemoryStore::new()))
+        .layer(middleware::from_fn(mark))
+        .with_state(counter.clone());
+    assert_eq!(
+        call_post(&app, Some("k"), "{}").await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        call_post(&app, Some("k"), "{}").await.1["idempotent-replayed"],
+        "true"
+    );
+    assert_eq!(counter.get(), 2);
+}
+
+#[tokio::test]
+async fn rejections_are_in_the_extensions() {
+    let (app, _) = app_with(IdempotencyLayer::new(MemoryStore::new()).with_require_key(true));
+    let res = app
+        .clone()
+        .oneshot(post_req(None).body(Body::from("{}")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        res.extensions().get::<Rejection>(),
+        Some(&Rejection::KeyMissing)
+    );
+}
+
+#[tokio::test]
+async fn fingerprint_coverage_is_configurable() {
+    let (app, counter) = app_with(
+        IdempotencyLayer::new(MemoryStore::new())
+            .with_fingerprint(FingerprintConfig::default().with_body(false)),
+    );
+    call_post(&app, Some("k"), "{\"qty\":1}").await;
+    assert_eq!(
+        call_post(&app, Some("k"), "{\"qty\":2}").await.1["idempotent-replayed"],
+        "true"
+    );
+    assert_eq!(counter.get(), 1);
+}
+
+#[test]
+fn layer_and_service_are_send_sync_clone() {
+    fn assert_all<T: Send + Sync + Clone + 'static>() {}
+    assert_all::<IdempotencyLayer>();
+    assert_all::<tower_idempotency::Idempotency<axum::routing::Route>>();
+}
