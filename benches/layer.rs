@@ -1,1 +1,90 @@
-fn main() {}
+//! The layer's cost in process: bare router vs the layer, through `oneshot`,
+//! with a 1 KiB JSON body.
+//!
+//! Run with `cargo bench --bench layer`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use axum::routing::post;
+use bytes::Bytes;
+use criterion::{Criterion, criterion_group, criterion_main};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+use tower_idempotency::{IdempotencyLayer, MemoryStore};
+
+async fn handler(body: Bytes) -> (StatusCode, Bytes) {
+    (StatusCode::CREATED, body)
+}
+
+fn body_1k() -> Bytes {
+    let mut s = String::from("{\"items\":[");
+    while s.len() < 1000 {
+        s.push_str("{\"sku\":\"abc-123\",\"qty\":1},");
+    }
+    s.pop();
+    s.push_str("]}");
+    Bytes::from(s)
+}
+
+fn request(method: Method, key: &str, body: &Bytes) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri("/orders")
+        .header("content-type", "application/json")
+        .header("idempotency-key", key)
+        .body(Body::from(body.clone()))
+        .unwrap()
+}
+
+async fn run(app: &Router, req: Request<Body>) {
+    let res = app.clone().oneshot(req).await.unwrap();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    std::hint::black_box(body);
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let body = body_1k();
+    let routes = || Router::new().route("/orders", post(handler).get(handler));
+    let bare = routes();
+    let layered = routes().layer(IdempotencyLayer::new(
+        MemoryStore::new()
+            .with_max_entries(2_000_000)
+            .with_max_bytes(4 << 30),
+    ));
+    let counter = AtomicU64::new(0);
+    let fresh = || format!("key-{}", counter.fetch_add(1, Ordering::Relaxed));
+
+    let mut g = c.benchmark_group("in_process_1k");
+    g.bench_function("bare_post", |b| {
+        b.to_async(&rt)
+            .iter(|| run(&bare, request(Method::POST, &fresh(), &body)))
+    });
+    g.bench_function("layer_get_passthrough", |b| {
+        b.to_async(&rt)
+            .iter(|| run(&layered, request(Method::GET, &fresh(), &body)))
+    });
+    g.bench_function("bare_get", |b| {
+        b.to_async(&rt)
+            .iter(|| run(&bare, request(Method::GET, &fresh(), &body)))
+    });
+    g.bench_function("layer_first_post", |b| {
+        b.to_async(&rt)
+            .iter(|| run(&layered, request(Method::POST, &fresh(), &body)))
+    });
+    rt.block_on(run(&layered, request(Method::POST, "replayed", &body)));
+    g.bench_function("layer_replay", |b| {
+        b.to_async(&rt)
+            .iter(|| run(&layered, request(Method::POST, "replayed", &body)))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -76,6 +76,7 @@
 //!
 //! [Tower]: https://docs.rs/tower
 //! [axum]: https://docs.rs/axum
+#![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
