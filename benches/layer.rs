@@ -3,6 +3,8 @@
 //!
 //! Run with `cargo bench --bench layer`.
 
+#![allow(clippy::unwrap_used)]
+
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use axum::Router;

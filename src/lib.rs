@@ -67,9 +67,9 @@
 //!
 //! # Feature flags
 //!
-//! - `redis`: [`RedisStore`](store::redis), records shared by every instance
+//! - `redis`: `RedisStore`, records shared by every instance
 //!   through Redis.
-//! - `postgres`: [`PostgresStore`](store::postgres), durable records in
+//! - `postgres`: `PostgresStore`, durable records in
 //!   PostgreSQL through sqlx.
 //! - `test-util`: the store conformance suite ([`test_util`]) and a
 //!   fault-injecting store wrapper.

@@ -146,6 +146,7 @@ struct Ctx {
     config: Arc<Config>,
 }
 
+#[allow(clippy::large_enum_variant)] // built once per request, boxing would cost an allocation
 enum Acquire<B: Body> {
     Token(LockToken),
     Respond(Response<ResponseBody<B>>),

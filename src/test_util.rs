@@ -22,6 +22,8 @@
 //! clocks. They are not a stable part of the public API: new checks may be
 //! added in any release.
 
+#![allow(clippy::unwrap_used)] // test support: a failed check is a panic by design
+
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;

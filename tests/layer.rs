@@ -1,5 +1,7 @@
 //! The layer's behaviour through a real axum `Router`.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::convert::Infallible;

@@ -1,5 +1,7 @@
 //! Over real TCP sockets: client disconnects, and a plain hyper server.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::convert::Infallible;
