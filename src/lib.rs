@@ -71,6 +71,8 @@
 //!   through Redis.
 //! - `postgres`: `PostgresStore`, durable records in
 //!   PostgreSQL through sqlx.
+//! - `metrics`: counters and histograms through the `metrics` facade (see
+//!   [`observe`]).
 //! - `test-util`: the store conformance suite ([`test_util`]) and a
 //!   fault-injecting store wrapper.
 //!
@@ -84,6 +86,7 @@ pub mod fingerprint;
 mod future;
 pub mod key;
 mod layer;
+pub mod observe;
 pub mod problem;
 pub mod record;
 mod service;
@@ -100,6 +103,7 @@ pub use body::{RequestBody, ResponseBody};
 pub use fingerprint::{Fingerprint, FingerprintConfig};
 pub use future::ResponseFuture;
 pub use key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
+pub use observe::Outcome;
 pub use layer::{IdempotencyLayer, InFlightPolicy, Retention, StoreErrorPolicy, default_record_if};
 pub use problem::Rejection;
 pub use record::{Record, RecordKind};

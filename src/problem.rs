@@ -117,7 +117,7 @@ impl Rejection {
     pub fn detail(&self) -> String {
         match self {
             Self::KeyMissing => "This operation requires an Idempotency-Key header.".into(),
-            Self::KeyInvalid(e) => format!("{e}; use 1 to 255 visible ASCII characters, such as a UUID."),
+            Self::KeyInvalid(e) => format!("{e}. Send one Idempotency-Key field holding a unique value, such as a UUID."),
             Self::BodyUnreadable => "The request body ended with an error before it was complete.".into(),
             Self::BodyTooLarge { limit } => format!(
                 "Requests with an Idempotency-Key may carry at most {limit} bytes of body."

@@ -11,12 +11,14 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header};
 use http_body::Body;
 use tokio::time::Instant;
 use tower_service::Service;
+use tracing::Instrument;
 
 use crate::body::{Collected, ResponseBody, collect};
 use crate::fingerprint::Fingerprint;
 use crate::future::{CatchUnwind, Detached, ResponseFuture};
 use crate::key::{IdempotencyKey, KeyError, key_from_headers};
 use crate::layer::{Config, InFlightPolicy, Retention, StoreErrorPolicy};
+use crate::observe::{Outcome, mark, store_latency};
 use crate::problem::Rejection;
 use crate::record::{Record, RecordKind};
 use crate::store::{Begin, LockToken, Store, StoreError, StoreKey};
@@ -67,10 +69,11 @@ impl<S> Idempotency<S> {
     }
 }
 
-fn reject<B: Body>(rejection: Rejection) -> Response<ResponseBody<B>> {
-    rejection
+fn reject<B: Body>(rejection: Rejection, outcome: Outcome) -> Response<ResponseBody<B>> {
+    let res = rejection
         .to_response()
-        .map(|body| ResponseBody::full(body, None))
+        .map(|body| ResponseBody::full(body, None));
+    mark(res, outcome)
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S>
@@ -110,11 +113,11 @@ where
             }
             Err(KeyError::Missing) => {
                 tracing::debug!(outcome = "rejected", reason = "key-missing");
-                return ResponseFuture::ready(reject(Rejection::KeyMissing));
+                return ResponseFuture::ready(reject(Rejection::KeyMissing, Outcome::Rejected));
             }
             Err(e) => {
                 tracing::debug!(outcome = "rejected", reason = "key-invalid", error = %e);
-                return ResponseFuture::ready(reject(Rejection::KeyInvalid(e)));
+                return ResponseFuture::ready(reject(Rejection::KeyInvalid(e), Outcome::Rejected));
             }
         };
         let declared = req
@@ -123,9 +126,12 @@ where
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|len| len > config.max_request_body as u64) {
             tracing::debug!(outcome = "rejected", reason = "body-too-large");
-            return ResponseFuture::ready(reject(Rejection::BodyTooLarge {
-                limit: config.max_request_body,
-            }));
+            return ResponseFuture::ready(reject(
+                Rejection::BodyTooLarge {
+                    limit: config.max_request_body,
+                },
+                Outcome::Rejected,
+            ));
         }
         // The clone is not ready; the ready one goes with this request
         // (tower-service docs, "Be careful when cloning inner services").
@@ -187,13 +193,16 @@ impl Ctx {
             Collected::Full { data, .. } => data,
             Collected::TooLarge { .. } => {
                 tracing::debug!(key = %store_key.log_id(), outcome = "rejected", reason = "body-too-large");
-                return Ok(reject(Rejection::BodyTooLarge {
-                    limit: self.config.max_request_body,
-                }));
+                return Ok(reject(
+                    Rejection::BodyTooLarge {
+                        limit: self.config.max_request_body,
+                    },
+                    Outcome::Rejected,
+                ));
             }
             Collected::Failed { .. } => {
                 tracing::debug!(key = %store_key.log_id(), outcome = "rejected", reason = "body-unreadable");
-                return Ok(reject(Rejection::BodyUnreadable));
+                return Ok(reject(Rejection::BodyUnreadable, Outcome::Rejected));
             }
         };
         let fingerprint = fingerprinter.finish();
@@ -201,7 +210,15 @@ impl Ctx {
         let req = Request::from_parts(parts, ReqBody::from(bytes));
         // From here on the request is not cancelled with the connection: a
         // lock taken must be completed or released.
-        Detached::new(Box::pin(self.decide(inner, req, store_key, fingerprint))).await
+        let span = tracing::info_span!(
+            "idempotency",
+            key = %store_key.log_id(),
+            outcome = tracing::field::Empty,
+            status = tracing::field::Empty,
+            store_us = tracing::field::Empty,
+        );
+        let decided = self.decide(inner, req, store_key, fingerprint);
+        Detached::new(Box::pin(decided.instrument(span))).await
     }
 
     async fn decide<S, ReqBody, ResBody>(
@@ -219,19 +236,26 @@ impl Ctx {
         match self.acquire(&key, &fingerprint).await {
             Acquire::Token(token) => self.execute(inner, req, key, token, fingerprint).await,
             Acquire::Respond(res) => Ok(res),
-            Acquire::FailOpen => Ok(inner.call(req).await?.map(ResponseBody::stream)),
+            Acquire::FailOpen => {
+                let res = inner.call(req).await?;
+                Ok(mark(res.map(ResponseBody::stream), Outcome::FailedOpen))
+            }
         }
     }
 
-    /// Bounds one store call by the configured timeout.
+    /// Bounds one store call by the configured timeout, and times it.
     async fn bounded<T>(
         &self,
+        op: &'static str,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let limit = self.config.store_timeout;
-        tokio::time::timeout(limit, call)
+        let started = Instant::now();
+        let out = tokio::time::timeout(limit, call)
             .await
-            .unwrap_or(Err(StoreError::Timeout(limit)))
+            .unwrap_or(Err(StoreError::Timeout(limit)));
+        store_latency(op, started.elapsed());
+        out
     }
 
     async fn acquire<B: Body>(&self, key: &StoreKey, fingerprint: &Fingerprint) -> Acquire<B> {
@@ -241,14 +265,17 @@ impl Ctx {
         };
         loop {
             let begun = self
-                .bounded(self.store.begin(key, fingerprint, self.config.lease))
+                .bounded(
+                    "begin",
+                    self.store.begin(key, fingerprint, self.config.lease),
+                )
                 .await;
             match begun {
                 Ok(Begin::Acquired(token)) => return Acquire::Token(token),
                 Ok(Begin::Completed(record)) => {
                     if record.fingerprint() != fingerprint {
                         tracing::debug!(key = %key.log_id(), outcome = "mismatch");
-                        return Acquire::Respond(reject(Rejection::KeyReused));
+                        return Acquire::Respond(reject(Rejection::KeyReused, Outcome::Mismatch));
                     }
                     tracing::debug!(key = %key.log_id(), outcome = "replayed");
                     return Acquire::Respond(self.replay(record));
@@ -256,7 +283,7 @@ impl Ctx {
                 Ok(Begin::InFlight { fingerprint: held }) => {
                     if held != *fingerprint {
                         tracing::debug!(key = %key.log_id(), outcome = "mismatch");
-                        return Acquire::Respond(reject(Rejection::KeyReused));
+                        return Acquire::Respond(reject(Rejection::KeyReused, Outcome::Mismatch));
                     }
                     let now = Instant::now();
                     match deadline {
@@ -273,20 +300,24 @@ impl Ctx {
                         }
                         _ => {
                             tracing::debug!(key = %key.log_id(), outcome = "conflict");
-                            return Acquire::Respond(reject(Rejection::InFlight {
-                                retry_after: self.config.retry_after,
-                            }));
+                            return Acquire::Respond(reject(
+                                Rejection::InFlight {
+                                    retry_after: self.config.retry_after,
+                                },
+                                Outcome::Conflict,
+                            ));
                         }
                     }
                 }
                 Err(e) => {
                     log_store_error("begin", key, &e);
                     return match self.config.on_store_error {
-                        StoreErrorPolicy::FailClosed => {
-                            Acquire::Respond(reject(Rejection::StoreUnavailable {
+                        StoreErrorPolicy::FailClosed => Acquire::Respond(reject(
+                            Rejection::StoreUnavailable {
                                 retry_after: self.config.retry_after,
-                            }))
-                        }
+                            },
+                            Outcome::StoreError,
+                        )),
                         StoreErrorPolicy::FailOpen => Acquire::FailOpen,
                     };
                 }
@@ -315,7 +346,7 @@ impl Ctx {
             Err(_panic) => {
                 tracing::error!(key = %key.log_id(), outcome = "released", "handler panicked; the key is released");
                 self.release(&key, &token).await;
-                return Ok(reject(Rejection::HandlerPanicked));
+                return Ok(reject(Rejection::HandlerPanicked, Outcome::Released));
             }
             Ok(Err(e)) => {
                 tracing::debug!(key = %key.log_id(), outcome = "released", "handler failed; the key is released");
@@ -334,7 +365,8 @@ impl Ctx {
         if !record {
             tracing::debug!(key = %key.log_id(), status = parts.status.as_u16(), outcome = "released", "response not recorded");
             self.release(&key, &token).await;
-            return Ok(Response::from_parts(parts, ResponseBody::stream(body)));
+            let res = Response::from_parts(parts, ResponseBody::stream(body));
+            return Ok(mark(res, Outcome::Released));
         }
         let collected = self
             .heartbeat(
@@ -354,10 +386,8 @@ impl Ctx {
                 .with_trailers(trailers.as_ref().map(fields).unwrap_or_default());
                 self.complete(key, token, record, ttl).await;
                 tracing::debug!(key = %key.log_id(), status = parts.status.as_u16(), outcome = "executed");
-                Ok(Response::from_parts(
-                    parts,
-                    ResponseBody::full(data, trailers),
-                ))
+                let res = Response::from_parts(parts, ResponseBody::full(data, trailers));
+                Ok(mark(res, Outcome::Executed))
             }
             Collected::TooLarge { prefix, rest } => {
                 let record =
@@ -365,15 +395,14 @@ impl Ctx {
                 self.complete(key, token, record, ttl).await;
                 tracing::warn!(key = %key.log_id(), status = parts.status.as_u16(), outcome = "tombstone",
                     limit = self.config.max_response_body, "response too large to record; retries get a 410");
-                Ok(Response::from_parts(
-                    parts,
-                    ResponseBody::chain(prefix, rest),
-                ))
+                let res = Response::from_parts(parts, ResponseBody::chain(prefix, rest));
+                Ok(mark(res, Outcome::Tombstone))
             }
             Collected::Failed { error } => {
                 tracing::debug!(key = %key.log_id(), outcome = "released", "response body failed; the key is released");
                 self.release(&key, &token).await;
-                Ok(Response::from_parts(parts, ResponseBody::failed(error)))
+                let res = Response::from_parts(parts, ResponseBody::failed(error));
+                Ok(mark(res, Outcome::Released))
             }
         }
     }
@@ -385,7 +414,10 @@ impl Ctx {
         let beat = async {
             loop {
                 tokio::time::sleep(lease / 3).await;
-                match self.bounded(self.store.extend(key, token, lease)).await {
+                match self
+                    .bounded("extend", self.store.extend(key, token, lease))
+                    .await
+                {
                     Ok(true) => {}
                     Ok(false) => {
                         tracing::warn!(key = %key.log_id(), "lease lost while the handler ran: another request took the key over; this response will not be recorded");
@@ -404,7 +436,10 @@ impl Ctx {
     }
 
     async fn release(&self, key: &StoreKey, token: &LockToken) {
-        match self.bounded(self.store.release(key, token)).await {
+        match self
+            .bounded("release", self.store.release(key, token))
+            .await
+        {
             Ok(true) => {}
             Ok(false) => {
                 tracing::warn!(key = %key.log_id(), "release found the lock taken over");
@@ -417,7 +452,7 @@ impl Ctx {
     /// retries in the background a bounded number of times.
     async fn complete(&self, key: StoreKey, token: LockToken, record: Record, ttl: Duration) {
         match self
-            .bounded(self.store.complete(&key, &token, &record, ttl))
+            .bounded("complete", self.store.complete(&key, &token, &record, ttl))
             .await
         {
             Ok(true) => return,
@@ -436,7 +471,7 @@ impl Ctx {
             for attempt in 0..retries {
                 tokio::time::sleep(Duration::from_millis(50 << attempt.min(8))).await;
                 match this
-                    .bounded(this.store.complete(&key, &token, &record, ttl))
+                    .bounded("complete", this.store.complete(&key, &token, &record, ttl))
                     .await
                 {
                     Ok(true) => {
@@ -456,15 +491,18 @@ impl Ctx {
 
     fn replay<B: Body>(&self, record: Record) -> Response<ResponseBody<B>> {
         let mut res = if record.kind() == RecordKind::Tombstone {
-            reject(Rejection::ResponseNotStored {
-                original_status: record.status(),
-            })
+            reject(
+                Rejection::ResponseNotStored {
+                    original_status: record.status(),
+                },
+                Outcome::Tombstone,
+            )
         } else {
             let trailers = (!record.trailers().is_empty()).then(|| to_map(record.trailers()));
             let mut res = Response::new(ResponseBody::full(record.body().clone(), trailers));
             *res.status_mut() = record.status();
             *res.headers_mut() = to_map(record.headers());
-            res
+            mark(res, Outcome::Replayed)
         };
         if let Some(name) = &self.config.replayed_header {
             res.headers_mut()

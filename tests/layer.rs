@@ -932,3 +932,47 @@ fn layer_and_service_are_send_sync_clone() {
     assert_all::<IdempotencyLayer>();
     assert_all::<tower_idempotency::Idempotency<axum::routing::Route>>();
 }
+
+#[tokio::test]
+async fn every_decision_is_an_outcome_in_the_extensions() {
+    use tower_idempotency::Outcome;
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let (app, _) = app_with(
+        IdempotencyLayer::from_arc(store.clone())
+            .with_max_response_body(64)
+            .with_store_error_policy(StoreErrorPolicy::FailClosed),
+    );
+    let outcome = |r: Request<Body>| {
+        let app = app.clone();
+        async move {
+            let res = app.oneshot(r).await.unwrap();
+            *res.extensions().get::<Outcome>().unwrap()
+        }
+    };
+    let r = |key: &str, body: &'static str| post_req(Some(key)).body(Body::from(body)).unwrap();
+    assert_eq!(outcome(r("a", "1")).await, Outcome::Executed);
+    assert_eq!(outcome(r("a", "1")).await, Outcome::Replayed);
+    assert_eq!(outcome(r("a", "2")).await, Outcome::Mismatch);
+    let r500 = post_req(Some("b"))
+        .header("x-status", "500")
+        .body(Body::from("1"))
+        .unwrap();
+    assert_eq!(outcome(r500).await, Outcome::Released);
+    let big = post_req(Some("c"))
+        .header("x-size", "100")
+        .body(Body::from("1"))
+        .unwrap();
+    assert_eq!(outcome(big).await, Outcome::Tombstone);
+    assert_eq!(outcome(r("c", "1")).await, Outcome::Tombstone);
+    assert_eq!(outcome(r("\"", "1")).await, Outcome::Rejected);
+    store.inject(Op::Begin, Fault::Fail, 1);
+    assert_eq!(outcome(r("d", "1")).await, Outcome::StoreError);
+    let slow = post_req(Some("e"))
+        .header("x-delay-ms", "300")
+        .body(Body::from("1"))
+        .unwrap();
+    let first = tokio::spawn(outcome(slow));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(outcome(r("e", "1")).await, Outcome::Conflict);
+    assert_eq!(first.await.unwrap(), Outcome::Executed);
+}
