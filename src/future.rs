@@ -45,7 +45,8 @@ pin_project! {
             res: Option<Response<ResponseBody<B>>>,
         },
         Covered {
-            fut: BoxFuture<Result<Response<ResponseBody<B>>, E>>,
+            #[pin]
+            fut: Detached<Result<Response<ResponseBody<B>>, E>>,
         },
     }
 }
@@ -74,7 +75,7 @@ impl<F, B: Body, E> ResponseFuture<F, B, E> {
         }
     }
 
-    pub(crate) fn covered(fut: BoxFuture<Result<Response<ResponseBody<B>>, E>>) -> Self {
+    pub(crate) fn covered(fut: Detached<Result<Response<ResponseBody<B>>, E>>) -> Self {
         Self {
             kind: Kind::Covered { fut },
         }
@@ -98,7 +99,7 @@ where
                 Some(res) => Poll::Ready(Ok(res)),
                 None => Poll::Pending,
             },
-            KindProj::Covered { fut } => fut.as_mut().poll(cx),
+            KindProj::Covered { fut } => fut.poll(cx),
         }
     }
 }
@@ -134,17 +135,38 @@ impl<F: Future> Future for CatchUnwind<F> {
 /// moves itself onto a spawned task and runs to completion there: the
 /// handler is never cancelled half way, and its response is recorded for the
 /// retry. While the client stays, no task is spawned.
-pub(crate) struct Detached<T: Send + 'static> {
+pub(crate) struct Detached<T> {
     fut: Option<BoxFuture<T>>,
+    // Chosen where `T: Send + 'static` is known, so the type itself needs
+    // no bounds (the response future's type stays as general as the body's).
+    spawn: fn(BoxFuture<T>),
 }
 
-impl<T: Send + 'static> Detached<T> {
-    pub(crate) fn new(fut: BoxFuture<T>) -> Self {
-        Self { fut: Some(fut) }
+impl<T> Detached<T> {
+    pub(crate) fn new(fut: BoxFuture<T>) -> Self
+    where
+        T: Send + 'static,
+    {
+        Self {
+            fut: Some(fut),
+            spawn: spawn_detached::<T>,
+        }
     }
 }
 
-impl<T: Send + 'static> Future for Detached<T> {
+fn spawn_detached<T: Send + 'static>(fut: BoxFuture<T>) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => {
+            tracing::debug!("client went away; the request runs to completion in the background");
+            handle.spawn(fut);
+        }
+        Err(_) => {
+            tracing::warn!("request abandoned outside a runtime; its lock expires with its lease")
+        }
+    }
+}
+
+impl<T> Future for Detached<T> {
     type Output = T;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
@@ -157,20 +179,10 @@ impl<T: Send + 'static> Future for Detached<T> {
     }
 }
 
-impl<T: Send + 'static> Drop for Detached<T> {
+impl<T> Drop for Detached<T> {
     fn drop(&mut self) {
         if let Some(fut) = self.fut.take() {
-            match tokio::runtime::Handle::try_current() {
-                Ok(handle) => {
-                    tracing::debug!(
-                        "client went away; the request runs to completion in the background"
-                    );
-                    handle.spawn(fut);
-                }
-                Err(_) => tracing::warn!(
-                    "request abandoned outside a runtime; its lock expires with its lease"
-                ),
-            }
+            (self.spawn)(fut);
         }
     }
 }

@@ -141,7 +141,9 @@ where
             store: self.store.clone(),
             config: self.config.clone(),
         };
-        ResponseFuture::covered(Box::pin(ctx.run(inner, req, key)))
+        // The whole covered path is detached from the connection: once the
+        // lock is taken it must be completed or released, whoever waits.
+        ResponseFuture::covered(Detached::new(Box::pin(ctx.run(inner, req, key))))
     }
 }
 
@@ -192,7 +194,7 @@ impl Ctx {
         {
             Collected::Full { data, .. } => data,
             Collected::TooLarge { .. } => {
-                tracing::debug!(key = %store_key.log_id(), outcome = "rejected", reason = "body-too-large");
+                tracing::debug!(key = %store_key, outcome = "rejected", reason = "body-too-large");
                 return Ok(reject(
                     Rejection::BodyTooLarge {
                         limit: self.config.max_request_body,
@@ -201,24 +203,23 @@ impl Ctx {
                 ));
             }
             Collected::Failed { .. } => {
-                tracing::debug!(key = %store_key.log_id(), outcome = "rejected", reason = "body-unreadable");
+                tracing::debug!(key = %store_key, outcome = "rejected", reason = "body-unreadable");
                 return Ok(reject(Rejection::BodyUnreadable, Outcome::Rejected));
             }
         };
         let fingerprint = fingerprinter.finish();
         parts.extensions.insert(key);
         let req = Request::from_parts(parts, ReqBody::from(bytes));
-        // From here on the request is not cancelled with the connection: a
-        // lock taken must be completed or released.
         let span = tracing::info_span!(
             "idempotency",
-            key = %store_key.log_id(),
+            key = %store_key,
             outcome = tracing::field::Empty,
             status = tracing::field::Empty,
             store_us = tracing::field::Empty,
         );
-        let decided = self.decide(inner, req, store_key, fingerprint);
-        Detached::new(Box::pin(decided.instrument(span))).await
+        self.decide(inner, req, store_key, fingerprint)
+            .instrument(span)
+            .await
     }
 
     async fn decide<S, ReqBody, ResBody>(
@@ -274,15 +275,15 @@ impl Ctx {
                 Ok(Begin::Acquired(token)) => return Acquire::Token(token),
                 Ok(Begin::Completed(record)) => {
                     if record.fingerprint() != fingerprint {
-                        tracing::debug!(key = %key.log_id(), outcome = "mismatch");
+                        tracing::debug!(key = %key, outcome = "mismatch");
                         return Acquire::Respond(reject(Rejection::KeyReused, Outcome::Mismatch));
                     }
-                    tracing::debug!(key = %key.log_id(), outcome = "replayed");
+                    tracing::debug!(key = %key, outcome = "replayed");
                     return Acquire::Respond(self.replay(record));
                 }
                 Ok(Begin::InFlight { fingerprint: held }) => {
                     if held != *fingerprint {
-                        tracing::debug!(key = %key.log_id(), outcome = "mismatch");
+                        tracing::debug!(key = %key, outcome = "mismatch");
                         return Acquire::Respond(reject(Rejection::KeyReused, Outcome::Mismatch));
                     }
                     let now = Instant::now();
@@ -299,7 +300,7 @@ impl Ctx {
                             }
                         }
                         _ => {
-                            tracing::debug!(key = %key.log_id(), outcome = "conflict");
+                            tracing::debug!(key = %key, outcome = "conflict");
                             return Acquire::Respond(reject(
                                 Rejection::InFlight {
                                     retry_after: self.config.retry_after,
@@ -344,12 +345,12 @@ impl Ctx {
         };
         let res = match outcome {
             Err(_panic) => {
-                tracing::error!(key = %key.log_id(), outcome = "released", "handler panicked; the key is released");
+                tracing::error!(key = %key, outcome = "released", "handler panicked; the key is released");
                 self.release(&key, &token).await;
                 return Ok(reject(Rejection::HandlerPanicked, Outcome::Released));
             }
             Ok(Err(e)) => {
-                tracing::debug!(key = %key.log_id(), outcome = "released", "handler failed; the key is released");
+                tracing::debug!(key = %key, outcome = "released", "handler failed; the key is released");
                 self.release(&key, &token).await;
                 return Err(e);
             }
@@ -363,7 +364,7 @@ impl Ctx {
             None => ((self.config.record_if)(parts.status), self.config.ttl),
         };
         if !record {
-            tracing::debug!(key = %key.log_id(), status = parts.status.as_u16(), outcome = "released", "response not recorded");
+            tracing::debug!(key = %key, status = parts.status.as_u16(), outcome = "released", "response not recorded");
             self.release(&key, &token).await;
             let res = Response::from_parts(parts, ResponseBody::stream(body));
             return Ok(mark(res, Outcome::Released));
@@ -385,7 +386,7 @@ impl Ctx {
                 )
                 .with_trailers(trailers.as_ref().map(fields).unwrap_or_default());
                 self.complete(key, token, record, ttl).await;
-                tracing::debug!(key = %key.log_id(), status = parts.status.as_u16(), outcome = "executed");
+                tracing::debug!(key = %key, status = parts.status.as_u16(), outcome = "executed");
                 let res = Response::from_parts(parts, ResponseBody::full(data, trailers));
                 Ok(mark(res, Outcome::Executed))
             }
@@ -393,13 +394,13 @@ impl Ctx {
                 let record =
                     Record::tombstone(fingerprint, parts.status, self.recordable(&parts.headers));
                 self.complete(key, token, record, ttl).await;
-                tracing::warn!(key = %key.log_id(), status = parts.status.as_u16(), outcome = "tombstone",
+                tracing::warn!(key = %key, status = parts.status.as_u16(), outcome = "tombstone",
                     limit = self.config.max_response_body, "response too large to record; retries get a 410");
                 let res = Response::from_parts(parts, ResponseBody::chain(prefix, rest));
                 Ok(mark(res, Outcome::Tombstone))
             }
             Collected::Failed { error } => {
-                tracing::debug!(key = %key.log_id(), outcome = "released", "response body failed; the key is released");
+                tracing::debug!(key = %key, outcome = "released", "response body failed; the key is released");
                 self.release(&key, &token).await;
                 let res = Response::from_parts(parts, ResponseBody::failed(error));
                 Ok(mark(res, Outcome::Released))
@@ -420,7 +421,7 @@ impl Ctx {
                 {
                     Ok(true) => {}
                     Ok(false) => {
-                        tracing::warn!(key = %key.log_id(), "lease lost while the handler ran: another request took the key over; this response will not be recorded");
+                        tracing::warn!(key = %key, "lease lost while the handler ran: another request took the key over; this response will not be recorded");
                         return;
                     }
                     Err(e) => log_store_error("extend", key, &e),
@@ -442,7 +443,7 @@ impl Ctx {
         {
             Ok(true) => {}
             Ok(false) => {
-                tracing::warn!(key = %key.log_id(), "release found the lock taken over");
+                tracing::warn!(key = %key, "release found the lock taken over");
             }
             Err(e) => log_store_error("release", key, &e),
         }
@@ -457,7 +458,7 @@ impl Ctx {
         {
             Ok(true) => return,
             Ok(false) => {
-                tracing::warn!(key = %key.log_id(), "lease lost before completion: another request took the key over; this response is not recorded");
+                tracing::warn!(key = %key, "lease lost before completion: another request took the key over; this response is not recorded");
                 return;
             }
             Err(e) => log_store_error("complete", &key, &e),
@@ -475,17 +476,17 @@ impl Ctx {
                     .await
                 {
                     Ok(true) => {
-                        tracing::info!(key = %key.log_id(), attempt = attempt + 1, "record completed on retry");
+                        tracing::info!(key = %key, attempt = attempt + 1, "record completed on retry");
                         return;
                     }
                     Ok(false) => {
-                        tracing::warn!(key = %key.log_id(), "lease lost before completion retry");
+                        tracing::warn!(key = %key, "lease lost before completion retry");
                         return;
                     }
                     Err(e) => log_store_error("complete retry", &key, &e),
                 }
             }
-            tracing::error!(key = %key.log_id(), retries, "record not written: the key stays locked until its lease expires, then a retry runs again");
+            tracing::error!(key = %key, retries, "record not written: the key stays locked until its lease expires, then a retry runs again");
         });
     }
 
@@ -564,5 +565,5 @@ fn to_map(fields: &[(HeaderName, HeaderValue)]) -> HeaderMap {
 
 fn log_store_error(op: &'static str, key: &StoreKey, error: &StoreError) {
     let source = std::error::Error::source(error).map(ToString::to_string);
-    tracing::error!(key = %key.log_id(), op, error = %error, source = source.as_deref().unwrap_or(""), outcome = "store_error", "idempotency store call failed");
+    tracing::error!(key = %key, op, error = %error, source = source.as_deref().unwrap_or(""), outcome = "store_error", "idempotency store call failed");
 }

@@ -74,7 +74,8 @@ impl StoreKey {
         s
     }
 
-    /// The first 16 hex characters: what log lines carry.
+    /// The first 16 hex characters: what log lines carry (also the
+    /// `Display` form).
     pub fn log_id(&self) -> String {
         hex_prefix(&self.0)
     }
@@ -91,7 +92,18 @@ impl Hash for StoreKey {
 
 impl fmt::Debug for StoreKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "StoreKey({})", self.log_id())
+        write!(f, "StoreKey({self})")
+    }
+}
+
+/// The first 16 hex characters, as [`log_id`](StoreKey::log_id) gives;
+/// formatting is deferred until a log line is actually written.
+impl fmt::Display for StoreKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0[..8] {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
     }
 }
 

@@ -1,0 +1,94 @@
+//! A fixed workload for instruction-level profiling of the request path.
+//!
+//! `cargo bench --bench hotpath` runs every scenario briefly and prints the
+//! time per request. For a profile, run one scenario under callgrind:
+//!
+//! ```text
+//! valgrind --tool=callgrind target/release/deps/hotpath-<hash> first 20000
+//! ```
+//!
+//! Scenarios: `bare` (no layer), `get` (passthrough), `first` (a fresh key
+//! each time), `replay`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use axum::routing::post;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+use tower_idempotency::{IdempotencyLayer, MemoryStore};
+
+async fn handler(body: Bytes) -> (StatusCode, Bytes) {
+    (StatusCode::CREATED, body)
+}
+
+fn request(method: Method, key: &str, body: &Bytes) -> Request<Body> {
+    Request::builder()
+        .method(method)
+        .uri("/orders")
+        .header("content-type", "application/json")
+        .header("idempotency-key", key)
+        .body(Body::from(body.clone()))
+        .unwrap()
+}
+
+async fn run(app: &Router, req: Request<Body>) {
+    let res = app.clone().oneshot(req).await.unwrap();
+    std::hint::black_box(res.into_body().collect().await.unwrap().to_bytes());
+}
+
+async fn scenario(name: &str, n: u64) -> f64 {
+    let body = Bytes::from(vec![b'x'; 1024]);
+    let routes = Router::new().route("/orders", post(handler).get(handler));
+    let app = if name == "bare" {
+        routes
+    } else {
+        routes.layer(IdempotencyLayer::new(
+            MemoryStore::new()
+                .with_max_entries(4_000_000)
+                .with_max_bytes(8 << 30),
+        ))
+    };
+    let method = if name == "get" {
+        Method::GET
+    } else {
+        Method::POST
+    };
+    let keys: Vec<String> = (0..n).map(|i| format!("key-{i}")).collect();
+    run(&app, request(Method::POST, "replayed", &body)).await;
+    let started = Instant::now();
+    for key in &keys {
+        let key = if name == "replay" { "replayed" } else { key };
+        run(&app, request(method.clone(), key, &body)).await;
+    }
+    started.elapsed().as_nanos() as f64 / n as f64
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (names, n) = match args.as_slice() {
+        [name, n] => (vec![name.clone()], n.parse().unwrap()),
+        _ => (
+            ["bare", "get", "first", "replay"]
+                .map(String::from)
+                .to_vec(),
+            50_000,
+        ),
+    };
+    for name in names {
+        let ns = rt.block_on(scenario(&name, n));
+        println!("{name:>7}: {ns:8.0} ns/request");
+    }
+}
