@@ -268,7 +268,7 @@ impl Ctx {
             let begun = self
                 .bounded(
                     "begin",
-                    self.store.begin(key, fingerprint, self.config.lease),
+                    self.store.as_ref().begin(key, fingerprint, self.config.lease),
                 )
                 .await;
             match begun {
@@ -292,7 +292,7 @@ impl Ctx {
                             let left = deadline - now;
                             let waited = tokio::time::timeout(
                                 left + self.config.store_timeout,
-                                self.store.wait(key, left),
+                                self.store.as_ref().wait(key, left),
                             )
                             .await;
                             if let Ok(Err(e)) = waited {
@@ -416,7 +416,7 @@ impl Ctx {
             loop {
                 tokio::time::sleep(lease / 3).await;
                 match self
-                    .bounded("extend", self.store.extend(key, token, lease))
+                    .bounded("extend", self.store.as_ref().extend(key, token, lease))
                     .await
                 {
                     Ok(true) => {}
@@ -438,7 +438,7 @@ impl Ctx {
 
     async fn release(&self, key: &StoreKey, token: &LockToken) {
         match self
-            .bounded("release", self.store.release(key, token))
+            .bounded("release", self.store.as_ref().release(key, token))
             .await
         {
             Ok(true) => {}
@@ -453,7 +453,7 @@ impl Ctx {
     /// retries in the background a bounded number of times.
     async fn complete(&self, key: StoreKey, token: LockToken, record: Record, ttl: Duration) {
         match self
-            .bounded("complete", self.store.complete(&key, &token, &record, ttl))
+            .bounded("complete", self.store.as_ref().complete(&key, &token, &record, ttl))
             .await
         {
             Ok(true) => return,
@@ -472,7 +472,7 @@ impl Ctx {
             for attempt in 0..retries {
                 tokio::time::sleep(Duration::from_millis(50 << attempt.min(8))).await;
                 match this
-                    .bounded("complete", this.store.complete(&key, &token, &record, ttl))
+                    .bounded("complete", this.store.as_ref().complete(&key, &token, &record, ttl))
                     .await
                 {
                     Ok(true) => {
