@@ -134,6 +134,33 @@ impl FingerprintConfig {
         self
     }
 
+    /// The fingerprint of a whole request, as the layer computes it while
+    /// reading the body.
+    ///
+    /// ```
+    /// use http::{HeaderMap, Method, Uri};
+    /// use tower_idempotency::FingerprintConfig;
+    ///
+    /// let config = FingerprintConfig::default();
+    /// let uri: Uri = "/orders?x=1".parse().unwrap();
+    /// let a = config.fingerprint(&Method::POST, &uri, &HeaderMap::new(), b"{}");
+    /// let b = config.fingerprint(&Method::POST, &uri, &HeaderMap::new(), b"{ }");
+    /// assert_ne!(a, b);
+    /// ```
+    pub fn fingerprint(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> Fingerprint {
+        let mut f = self.start(method, uri, headers);
+        if self.body {
+            f.update(body);
+        }
+        f.finish()
+    }
+
     pub(crate) fn covers_body(&self) -> bool {
         self.body
     }

@@ -19,17 +19,20 @@
 //! headers    u32 count, then per header: u16 name length, name, u32 value length, value
 //! trailers   u32 count, then as headers
 //! body       u32 length, then the bytes
+//! checksum   8 bytes  the first 8 bytes of SHA-256 over everything before it
 //! ```
 //!
-//! Decoding checks every length against the input and every header name,
-//! value and status for validity: a truncated or corrupt record is a
-//! [`DecodeError`], never a panic and never a wrong replay.
+//! Decoding verifies the checksum, then checks every length against the
+//! input and every header name, value and status for validity: a truncated
+//! or corrupt record is a [`DecodeError`], never a panic and never a wrong
+//! replay.
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::{HeaderName, HeaderValue, StatusCode};
+use sha2::{Digest, Sha256};
 
 use crate::fingerprint::Fingerprint;
 
@@ -204,7 +207,8 @@ impl Record {
             + fields_len(&self.headers)
             + fields_len(&self.trailers)
             + 4
-            + self.body.len();
+            + self.body.len()
+            + CHECKSUM_LEN;
         let mut out = BytesMut::with_capacity(len);
         out.put_slice(MAGIC);
         out.put_u8(VERSION);
@@ -228,6 +232,8 @@ impl Record {
         }
         out.put_u32(len_u32(self.body.len()));
         out.put_slice(&self.body);
+        let sum = checksum(&out);
+        out.put_slice(&sum);
         out.freeze()
     }
 
@@ -238,7 +244,14 @@ impl Record {
 
     /// Decodes a record from owned bytes; the body shares the buffer
     /// instead of being copied.
-    pub fn decode_bytes(bytes: Bytes) -> Result<Self, DecodeError> {
+    pub fn decode_bytes(mut bytes: Bytes) -> Result<Self, DecodeError> {
+        if bytes.len() < CHECKSUM_LEN {
+            return Err(DecodeError::new("truncated record"));
+        }
+        let sum = bytes.split_off(bytes.len() - CHECKSUM_LEN);
+        if checksum(&bytes) != sum[..] {
+            return Err(DecodeError::new("checksum mismatch"));
+        }
         let mut r = Reader { buf: bytes };
         if r.take(2)?.as_ref() != MAGIC {
             return Err(DecodeError::new("bad magic"));
@@ -275,6 +288,15 @@ impl Record {
             body,
         })
     }
+}
+
+const CHECKSUM_LEN: usize = 8;
+
+fn checksum(bytes: &[u8]) -> [u8; CHECKSUM_LEN] {
+    let digest = Sha256::digest(bytes);
+    let mut out = [0u8; CHECKSUM_LEN];
+    out.copy_from_slice(&digest[..CHECKSUM_LEN]);
+    out
 }
 
 fn len_u32(len: usize) -> u32 {
@@ -418,27 +440,50 @@ mod tests {
         }
     }
 
+    /// Re-seals a hand-edited record with a valid checksum, to reach the
+    /// structural checks behind it.
+    fn seal(mut bytes: Vec<u8>) -> Vec<u8> {
+        let sum = checksum(&bytes);
+        bytes.extend_from_slice(&sum);
+        bytes
+    }
+
+    fn unsealed() -> Vec<u8> {
+        let bytes = sample().encode();
+        bytes[..bytes.len() - CHECKSUM_LEN].to_vec()
+    }
+
     #[test]
-    fn corruption_is_detected() {
-        let mut bytes = sample().encode().to_vec();
+    fn every_flipped_byte_is_detected() {
+        let bytes = sample().encode();
+        for i in 0..bytes.len() {
+            let mut bad = bytes.to_vec();
+            bad[i] ^= 0x01;
+            assert!(Record::decode(&bad).is_err(), "flip at {i} went unnoticed");
+        }
+    }
+
+    #[test]
+    fn structural_checks_behind_the_checksum() {
+        let mut bytes = unsealed();
         bytes[2] = 99; // version
-        assert!(Record::decode(&bytes).is_err());
-        let mut bytes = sample().encode().to_vec();
+        assert!(Record::decode(&seal(bytes)).is_err());
+        let mut bytes = unsealed();
         bytes.push(0);
         assert_eq!(
-            Record::decode(&bytes).unwrap_err().to_string(),
+            Record::decode(&seal(bytes)).unwrap_err().to_string(),
             "cannot decode idempotency record: trailing bytes"
         );
-        let mut bytes = sample().encode().to_vec();
+        let mut bytes = unsealed();
         bytes[44] = 0x00; // status high byte -> status < 100
         bytes[45] = 0x05;
-        assert!(Record::decode(&bytes).is_err());
+        assert!(Record::decode(&seal(bytes)).is_err());
     }
 
     #[test]
     fn huge_counts_do_not_allocate() {
-        let mut bytes = sample().encode()[..46].to_vec();
+        let mut bytes = unsealed()[..46].to_vec();
         bytes.extend_from_slice(&u32::MAX.to_be_bytes());
-        assert!(Record::decode(&bytes).is_err());
+        assert!(Record::decode(&seal(bytes)).is_err());
     }
 }

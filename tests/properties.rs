@@ -1,0 +1,186 @@
+//! Property tests: the key parser, the record encoding, the fingerprint
+//! framing.
+
+#![allow(clippy::unwrap_used)]
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use proptest::prelude::*;
+use tower_idempotency::key::{KeyError, parse_key};
+use tower_idempotency::{Fingerprint, FingerprintConfig, Record};
+
+fn quote(token: &str) -> String {
+    let mut out = String::from("\"");
+    for c in token.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    /// Any bytes give a key or a refusal, never a panic; a key is always
+    /// 1 to 255 visible ASCII characters (and spaces from an sf-string).
+    #[test]
+    fn any_bytes_parse_or_are_refused(raw in proptest::collection::vec(any::<u8>(), 0..300)) {
+        if let Ok(key) = parse_key(&raw, 1, 255) {
+            let k = key.as_str();
+            prop_assert!(!k.is_empty() && k.len() <= 255);
+            prop_assert!(k.bytes().all(|b| (0x20..=0x7e).contains(&b)));
+        }
+    }
+
+    /// Header-like input near the grammar's edges.
+    #[test]
+    fn near_miss_input_never_panics(raw in "[ \t\"\\\\a-z,;=\\x00-\\x1f\\x7f]{0,40}") {
+        let _ = parse_key(raw.as_bytes(), 1, 255);
+    }
+
+    /// A bare token and its sf-string form name the same key.
+    #[test]
+    fn sf_string_and_token_agree(token in "[!#-+\\--~]{1,255}") {
+        // The class excludes '"' (0x22) and ',' (0x2c).
+        let bare = parse_key(token.as_bytes(), 1, 255);
+        let quoted = parse_key(quote(&token).as_bytes(), 1, 255);
+        prop_assert_eq!(bare.clone().map(|k| k.as_str().to_owned()), Ok(token.clone()));
+        prop_assert_eq!(quoted.map(|k| k.as_str().to_owned()), Ok(token));
+    }
+
+    /// Control characters, CR, LF and NUL are refused wherever they stand.
+    #[test]
+    fn control_bytes_are_refused(prefix in "[a-z]{0,10}", bad in 0u8..0x20, suffix in "[a-z]{0,10}") {
+        let mut raw = prefix.clone().into_bytes();
+        raw.push(bad);
+        raw.extend_from_slice(suffix.as_bytes());
+        // Spaces and tabs at the ends are optional white space; inside they are not allowed.
+        if !(bad == b'\t' && (prefix.is_empty() || suffix.is_empty())) {
+            prop_assert!(parse_key(&raw, 1, 255).is_err());
+        }
+        let mut quoted = b"\"".to_vec();
+        quoted.extend_from_slice(&raw);
+        quoted.push(b'"');
+        prop_assert!(parse_key(&quoted, 1, 255).is_err());
+    }
+}
+
+fn header_name() -> impl Strategy<Value = HeaderName> {
+    prop_oneof![
+        Just(HeaderName::from_static("set-cookie")),
+        Just(HeaderName::from_static("location")),
+        Just(HeaderName::from_static("content-type")),
+        "[a-z][a-z0-9-]{0,20}".prop_map(|s| HeaderName::from_bytes(s.as_bytes()).unwrap()),
+    ]
+}
+
+fn header_value() -> impl Strategy<Value = HeaderValue> {
+    proptest::collection::vec(prop_oneof![Just(b'\t'), 0x20u8..0x7f, 0x80u8..=0xff], 0..40)
+        .prop_map(|v| HeaderValue::from_bytes(&v).unwrap())
+}
+
+fn record() -> impl Strategy<Value = Record> {
+    (
+        any::<[u8; 32]>(),
+        100u16..1000,
+        proptest::collection::vec((header_name(), header_value()), 0..12),
+        proptest::collection::vec((header_name(), header_value()), 0..3),
+        proptest::collection::vec(any::<u8>(), 0..2048),
+        any::<bool>(),
+    )
+        .prop_map(|(fp, status, headers, trailers, body, tomb)| {
+            let status = StatusCode::from_u16(status).unwrap();
+            if tomb {
+                Record::tombstone(Fingerprint::from_bytes(fp), status, headers)
+            } else {
+                Record::response(
+                    Fingerprint::from_bytes(fp),
+                    status,
+                    headers,
+                    Bytes::from(body),
+                )
+                .with_trailers(trailers)
+            }
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+    /// Every record round-trips byte for byte, repeated headers in order.
+    #[test]
+    fn records_round_trip(r in record()) {
+        let decoded = Record::decode(&r.encode()).unwrap();
+        prop_assert_eq!(decoded.headers(), r.headers());
+        prop_assert_eq!(decoded.body(), r.body());
+        prop_assert_eq!(decoded, r);
+    }
+
+    /// A truncated record is an error.
+    #[test]
+    fn truncated_records_are_errors(r in record(), cut in any::<prop::sample::Index>()) {
+        let bytes = r.encode();
+        let len = cut.index(bytes.len());
+        prop_assert!(Record::decode(&bytes[..len]).is_err());
+    }
+
+    /// A corrupted record is an error, never a different replay.
+    #[test]
+    fn corrupt_records_are_errors(r in record(), at in any::<prop::sample::Index>(), flip in 1u8..=255) {
+        let mut bytes = r.encode().to_vec();
+        let i = at.index(bytes.len());
+        bytes[i] ^= flip;
+        prop_assert!(Record::decode(&bytes).is_err());
+    }
+
+    /// Arbitrary bytes never panic the decoder.
+    #[test]
+    fn arbitrary_bytes_never_panic(raw in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let _ = Record::decode(&raw);
+    }
+}
+
+fn method() -> impl Strategy<Value = String> {
+    prop_oneof![Just("A"), Just("AA"), Just("AB"), Just("B"), Just("BA")].prop_map(str::to_owned)
+}
+
+fn target() -> impl Strategy<Value = String> {
+    "[ab]{0,3}(\\?[ab]{0,2})?".prop_map(|s| format!("/{s}"))
+}
+
+fn body() -> impl Strategy<Value = Vec<u8>> {
+    "[ab/?]{0,4}".prop_map(String::into_bytes)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 3000, ..ProptestConfig::default() })]
+
+    /// Two different (method, target, body) triples never share a
+    /// fingerprint, even when their concatenations are equal: the alphabet
+    /// is tiny so that such near-collisions are common.
+    #[test]
+    fn framing_separates_every_triple(
+        (m1, t1, b1) in (method(), target(), body()),
+        (m2, t2, b2) in (method(), target(), body()),
+    ) {
+        let config = FingerprintConfig::default();
+        let fp = |m: &str, t: &str, b: &[u8]| {
+            let uri: Uri = t.parse().unwrap();
+            config.fingerprint(&Method::from_bytes(m.as_bytes()).unwrap(), &uri, &HeaderMap::new(), b)
+        };
+        let same = (&m1, &t1, &b1) == (&m2, &t2, &b2);
+        prop_assert_eq!(fp(&m1, &t1, &b1) == fp(&m2, &t2, &b2), same);
+    }
+}
+
+#[test]
+fn key_error_kinds_are_distinct() {
+    assert_eq!(parse_key(b"", 1, 255).unwrap_err(), KeyError::Empty);
+    assert_eq!(
+        parse_key("k".repeat(256).as_bytes(), 1, 255).unwrap_err(),
+        KeyError::TooLong
+    );
+}
