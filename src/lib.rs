@@ -50,7 +50,7 @@
 //! Every answer the layer makes itself is an RFC 9457 problem document; see
 //! [`problem`].
 //!
-//! # Concurrency guarantees
+//! # Guarantees
 //!
 //! - Two requests with the same key never run the handler at the same time:
 //!   [`Store::begin`] is one atomic step, and the loser gets 409.
@@ -64,6 +64,63 @@
 //!   downstream calls from [`IdempotencyKey::derive`] so they deduplicate
 //!   too.
 //! - A holder whose lease was taken over cannot write its record (fencing).
+//! - A store that fails answers 503 (fail closed) by default: no request
+//!   runs without its lock. A record write that fails after the handler ran
+//!   still answers the client and is retried in the background.
+//!
+//! # Configuration
+//!
+//! Every setting is a `with_*` builder on [`IdempotencyLayer`]; its docs
+//! hold the table of defaults. Per-route settings come from axum's
+//! `route_layer` with differently configured layers. A handler overrides the
+//! recording of one response with a [`Retention`] response extension.
+//!
+//! # Choosing a store
+//!
+//! | store | when |
+//! |---|---|
+//! | [`MemoryStore`] | one process; tests. Sharded, bounded, self-expiring. |
+//! | `RedisStore` (feature `redis`) | several instances behind a load balancer; one round trip per step. |
+//! | `PostgresStore` (feature `postgres`) | records must survive restarts, in the database the service already runs. |
+//!
+//! Any other backend implements [`Store`] and proves itself with the
+//! conformance suite in `test_util` (feature `test-util`).
+//!
+//! # Testing handlers
+//!
+//! [`MemoryStore`] keeps time by tokio's clock, so a test can pause time
+//! and jump past a ttl or a lease:
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{Router, body::Body, http::Request, routing::post};
+//! use tower::ServiceExt;
+//! use tower_idempotency::{IdempotencyLayer, MemoryStore};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! let app = Router::new()
+//!     .route("/orders", post(|| async { "created" }))
+//!     .layer(IdempotencyLayer::new(MemoryStore::new()).with_ttl(Duration::from_secs(60)));
+//! let req = || Request::post("/orders").header("idempotency-key", "k1").body(Body::empty()).unwrap();
+//!
+//! let first = app.clone().oneshot(req()).await.unwrap();
+//! assert!(first.headers().get("idempotent-replayed").is_none());
+//! let retry = app.clone().oneshot(req()).await.unwrap();
+//! assert_eq!(retry.headers()["idempotent-replayed"], "true");
+//!
+//! tokio::time::advance(Duration::from_secs(61)).await;
+//! let later = app.clone().oneshot(req()).await.unwrap();
+//! assert!(later.headers().get("idempotent-replayed").is_none(), "the record expired");
+//! # }
+//! ```
+//!
+//! # Observability
+//!
+//! Each keyed request runs in a `tracing` span named `idempotency` that
+//! records the [`Outcome`], the status, the store latency and a hash prefix
+//! of the key (never the key); the `metrics` feature adds counters and
+//! histograms. See [`observe`].
 //!
 //! # Feature flags
 //!
