@@ -354,8 +354,13 @@ impl Reader {
         for _ in 0..count {
             let name_len = self.u16()? as usize;
             let name = self.take(name_len)?;
-            let name = HeaderName::from_bytes(&name)
+            let parsed = HeaderName::from_bytes(&name)
                 .map_err(|_| DecodeError::new("invalid header name"))?;
+            // Only the canonical (lower-case) form that `encode` writes.
+            if parsed.as_str().as_bytes() != &name[..] {
+                return Err(DecodeError::new("non-canonical header name"));
+            }
+            let name = parsed;
             let value_len = self.u32()? as usize;
             let value = self.take(value_len)?;
             let value = HeaderValue::from_maybe_shared(value)
@@ -478,6 +483,19 @@ mod tests {
         bytes[44] = 0x00; // status high byte -> status < 100
         bytes[45] = 0x05;
         assert!(Record::decode(&seal(bytes)).is_err());
+    }
+
+    #[test]
+    fn non_canonical_header_names_are_refused() {
+        // Found by fuzzing: "locatiOn" parsed as "location" and re-encoded
+        // differently.
+        let mut bytes = unsealed();
+        let at = bytes.windows(8).position(|w| w == b"location").unwrap();
+        bytes[at + 6] = b'O';
+        assert_eq!(
+            Record::decode(&seal(bytes)).unwrap_err().to_string(),
+            "cannot decode idempotency record: non-canonical header name"
+        );
     }
 
     #[test]
