@@ -268,7 +268,9 @@ impl Ctx {
             let begun = self
                 .bounded(
                     "begin",
-                    self.store.as_ref().begin(key, fingerprint, self.config.lease),
+                    self.store
+                        .as_ref()
+                        .begin(key, fingerprint, self.config.lease),
                 )
                 .await;
             match begun {
@@ -338,6 +340,8 @@ impl Ctx {
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
         ResBody: Body,
     {
+        let mut req = req;
+        self.store.attach(&key, &token, req.extensions_mut());
         let call = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.call(req)));
         let outcome = match call {
             Ok(fut) => self.heartbeat(&key, &token, CatchUnwind::new(fut)).await,
@@ -385,7 +389,11 @@ impl Ctx {
                     data.clone(),
                 )
                 .with_trailers(trailers.as_ref().map(fields).unwrap_or_default());
-                self.complete(key, token, record, ttl).await;
+                if !self.complete(key, token, record, ttl).await {
+                    if let Some(res) = self.rolled_back(&key) {
+                        return Ok(res);
+                    }
+                }
                 tracing::debug!(key = %key, status = parts.status.as_u16(), outcome = "executed");
                 let res = Response::from_parts(parts, ResponseBody::full(data, trailers));
                 Ok(mark(res, Outcome::Executed))
@@ -393,7 +401,11 @@ impl Ctx {
             Collected::TooLarge { prefix, rest } => {
                 let record =
                     Record::tombstone(fingerprint, parts.status, self.recordable(&parts.headers));
-                self.complete(key, token, record, ttl).await;
+                if !self.complete(key, token, record, ttl).await {
+                    if let Some(res) = self.rolled_back(&key) {
+                        return Ok(res);
+                    }
+                }
                 tracing::warn!(key = %key, status = parts.status.as_u16(), outcome = "tombstone",
                     limit = self.config.max_response_body, "response too large to record; retries get a 410");
                 let res = Response::from_parts(parts, ResponseBody::chain(prefix, rest));
@@ -450,29 +462,42 @@ impl Ctx {
     }
 
     /// Writes the record; on a store failure, answers the client anyway and
-    /// retries in the background a bounded number of times.
-    async fn complete(&self, key: StoreKey, token: LockToken, record: Record, ttl: Duration) {
+    /// retries in the background a bounded number of times. Returns whether
+    /// the record was written (at once).
+    async fn complete(
+        &self,
+        key: StoreKey,
+        token: LockToken,
+        record: Record,
+        ttl: Duration,
+    ) -> bool {
         match self
-            .bounded("complete", self.store.as_ref().complete(&key, &token, &record, ttl))
+            .bounded(
+                "complete",
+                self.store.as_ref().complete(&key, &token, &record, ttl),
+            )
             .await
         {
-            Ok(true) => return,
+            Ok(true) => return true,
             Ok(false) => {
                 tracing::warn!(key = %key, "lease lost before completion: another request took the key over; this response is not recorded");
-                return;
+                return false;
             }
             Err(e) => log_store_error("complete", &key, &e),
         }
         let retries = self.config.complete_retries;
-        if retries == 0 {
-            return;
+        if retries == 0 || self.store.commits_handler_writes() {
+            return false;
         }
         let this = self.clone();
         tokio::spawn(async move {
             for attempt in 0..retries {
                 tokio::time::sleep(Duration::from_millis(50 << attempt.min(8))).await;
                 match this
-                    .bounded("complete", this.store.as_ref().complete(&key, &token, &record, ttl))
+                    .bounded(
+                        "complete",
+                        this.store.as_ref().complete(&key, &token, &record, ttl),
+                    )
                     .await
                 {
                     Ok(true) => {
@@ -488,6 +513,23 @@ impl Ctx {
             }
             tracing::error!(key = %key, retries, "record not written: the key stays locked until its lease expires, then a retry runs again");
         });
+        false
+    }
+
+    /// For a store that commits the handler's writes with the record: a
+    /// failed completion rolled them back, so the client must not see the
+    /// handler's answer.
+    fn rolled_back<B: Body>(&self, key: &StoreKey) -> Option<Response<ResponseBody<B>>> {
+        if !self.store.commits_handler_writes() {
+            return None;
+        }
+        tracing::error!(key = %key, "completion failed and the handler's writes were rolled back; answering 503");
+        Some(reject(
+            Rejection::StoreUnavailable {
+                retry_after: self.config.retry_after,
+            },
+            Outcome::StoreError,
+        ))
     }
 
     fn replay<B: Body>(&self, record: Record) -> Response<ResponseBody<B>> {

@@ -458,6 +458,14 @@ impl<S: Store> Store for FaultyStore<S> {
         self.inner.extend(key, token, lease).await
     }
 
+    fn attach(&self, key: &StoreKey, token: &LockToken, extensions: &mut http::Extensions) {
+        self.inner.attach(key, token, extensions);
+    }
+
+    fn commits_handler_writes(&self) -> bool {
+        self.inner.commits_handler_writes()
+    }
+
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
         self.inner.wait(key, timeout).await
     }

@@ -976,3 +976,83 @@ async fn every_decision_is_an_outcome_in_the_extensions() {
     assert_eq!(outcome(r("e", "1")).await, Outcome::Conflict);
     assert_eq!(first.await.unwrap(), Outcome::Executed);
 }
+
+/// A store that commits the handler's writes with the record (as a
+/// transactional store does), built on the fault injector.
+struct Transactional(FaultyStore<MemoryStore>);
+
+#[derive(Clone)]
+struct Attached(#[allow(dead_code)] tower_idempotency::LockToken);
+
+#[async_trait::async_trait]
+impl Store for Transactional {
+    async fn begin(
+        &self,
+        key: &StoreKey,
+        fp: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, tower_idempotency::StoreError> {
+        self.0.begin(key, fp, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: &tower_idempotency::LockToken,
+        record: &tower_idempotency::Record,
+        ttl: Duration,
+    ) -> Result<bool, tower_idempotency::StoreError> {
+        self.0.complete(key, token, record, ttl).await
+    }
+    async fn release(
+        &self,
+        key: &StoreKey,
+        token: &tower_idempotency::LockToken,
+    ) -> Result<bool, tower_idempotency::StoreError> {
+        self.0.release(key, token).await
+    }
+    async fn extend(
+        &self,
+        key: &StoreKey,
+        token: &tower_idempotency::LockToken,
+        lease: Duration,
+    ) -> Result<bool, tower_idempotency::StoreError> {
+        self.0.extend(key, token, lease).await
+    }
+    fn attach(
+        &self,
+        _key: &StoreKey,
+        token: &tower_idempotency::LockToken,
+        extensions: &mut axum::http::Extensions,
+    ) {
+        extensions.insert(Attached(*token));
+    }
+    fn commits_handler_writes(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test]
+async fn transactional_store_hooks() {
+    let store = Arc::new(Transactional(FaultyStore::new(MemoryStore::new())));
+    async fn h(attached: Option<axum::Extension<Attached>>) -> (StatusCode, &'static str) {
+        assert!(attached.is_some(), "the store's state reaches the handler");
+        (StatusCode::CREATED, "written in the transaction")
+    }
+    let app = Router::new()
+        .route("/orders", post(h))
+        .layer(IdempotencyLayer::from_arc(store.clone()));
+    // The commit fails: the handler's writes are gone, so its 201 must not
+    // reach the client, and the write is not retried in the background.
+    store.0.inject(Op::Complete, Fault::Fail, 1);
+    let (status, headers, body) = call_post(&app, Some("k"), "{}").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        problem_type(&problem(status, &headers, &body)),
+        "store-unavailable"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.0.calls(Op::Complete), 1);
+    // A healthy commit answers normally.
+    let (status, _, _) = call_post(&app, Some("k2"), "{}").await;
+    assert_eq!(status, StatusCode::CREATED);
+}

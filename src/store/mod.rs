@@ -243,6 +243,23 @@ pub trait Store: Send + Sync + 'static {
         lease: Duration,
     ) -> Result<bool, StoreError>;
 
+    /// Called once the lock is acquired, before the handler runs: a store
+    /// may put request-scoped state in the request's extensions (a
+    /// transactional store hands the handler its transaction this way).
+    /// The default does nothing.
+    fn attach(&self, key: &StoreKey, token: &LockToken, extensions: &mut http::Extensions) {
+        let _ = (key, token, extensions);
+    }
+
+    /// Whether [`complete`](Store::complete) commits the handler's own
+    /// writes together with the record. If it does, a failed completion
+    /// means the handler's effects were rolled back: the layer then answers
+    /// 503 instead of the handler's response, and does not retry the write
+    /// in the background. The default is `false`.
+    fn commits_handler_writes(&self) -> bool {
+        false
+    }
+
     /// Waits, at most `timeout`, until the in-flight record for `key` may
     /// have changed (completed, released or expired). The caller calls
     /// [`begin`](Store::begin) again afterwards; a spurious early return is
@@ -286,6 +303,12 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
         lease: Duration,
     ) -> Result<bool, StoreError> {
         (**self).extend(key, token, lease).await
+    }
+    fn attach(&self, key: &StoreKey, token: &LockToken, extensions: &mut http::Extensions) {
+        (**self).attach(key, token, extensions);
+    }
+    fn commits_handler_writes(&self) -> bool {
+        (**self).commits_handler_writes()
     }
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
         (**self).wait(key, timeout).await
