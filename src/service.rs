@@ -389,10 +389,10 @@ impl Ctx {
                     data.clone(),
                 )
                 .with_trailers(trailers.as_ref().map(fields).unwrap_or_default());
-                if !self.complete(key, token, record, ttl).await {
-                    if let Some(res) = self.rolled_back(&key) {
-                        return Ok(res);
-                    }
+                if !self.complete(key, token, record, ttl).await
+                    && let Some(res) = self.rolled_back(&key)
+                {
+                    return Ok(res);
                 }
                 tracing::debug!(key = %key, status = parts.status.as_u16(), outcome = "executed");
                 let res = Response::from_parts(parts, ResponseBody::full(data, trailers));
@@ -401,10 +401,10 @@ impl Ctx {
             Collected::TooLarge { prefix, rest } => {
                 let record =
                     Record::tombstone(fingerprint, parts.status, self.recordable(&parts.headers));
-                if !self.complete(key, token, record, ttl).await {
-                    if let Some(res) = self.rolled_back(&key) {
-                        return Ok(res);
-                    }
+                if !self.complete(key, token, record, ttl).await
+                    && let Some(res) = self.rolled_back(&key)
+                {
+                    return Ok(res);
                 }
                 tracing::warn!(key = %key, status = parts.status.as_u16(), outcome = "tombstone",
                     limit = self.config.max_response_body, "response too large to record; retries get a 410");
