@@ -1,0 +1,777 @@
+//! `PostgresStore` against a real PostgreSQL server: the conformance suite,
+//! two layer instances sharing one table, restarts, outages, the sweeper,
+//! and the statements each request costs.
+//!
+//! The server comes from `DATABASE_URL`. Without it the tests are skipped,
+//! unless `CI=true`, where they fail.
+
+#![cfg(all(feature = "postgres", feature = "test-util"))]
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::http::StatusCode;
+use common::{Counter, call_post, post_req, problem, send};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tower_idempotency::store::postgres::{InvalidIdentifier, PgPool, PostgresStore};
+use tower_idempotency::test_util::{FaultyStore, Op, random_key, sample_record};
+use tower_idempotency::{Begin, Fingerprint, IdempotencyLayer, Store, StoreError};
+
+/// Every test table lives here, named `t_<unix seconds>_<random>`.
+const SCHEMA: &str = "tower_idempotency_test";
+
+fn database_url() -> Option<String> {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if common::in_ci() => {
+            panic!("DATABASE_URL is not set, and CI=true: the PostgreSQL tests may not be skipped")
+        }
+        _ => {
+            eprintln!("skipping: DATABASE_URL not set");
+            None
+        }
+    }
+}
+
+async fn connect(url: &str) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(4)
+        .connect(url)
+        .await
+        .unwrap()
+}
+
+fn unique_table() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("t_{secs}_{}", &id[..16])
+}
+
+/// Drops test tables left behind more than ten minutes ago (by runs that
+/// were interrupted, and by the conformance checks, which cannot clean up
+/// after themselves). Once per run.
+async fn drop_stale_tables(pool: &PgPool) {
+    static DONE: AtomicBool = AtomicBool::new(false);
+    if DONE.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = $1 AND tablename LIKE 't\\_%'",
+    )
+    .bind(SCHEMA)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    for name in names {
+        let made: Option<u64> = name.split('_').nth(1).and_then(|s| s.parse().ok());
+        if made.is_some_and(|made| made + 600 < now) {
+            let _ = sqlx::query(&format!("DROP TABLE IF EXISTS \"{SCHEMA}\".\"{name}\""))
+                .execute(pool)
+                .await;
+        }
+    }
+}
+
+/// A migrated store on a fresh table of its own.
+async fn store_on(pool: PgPool) -> PostgresStore {
+    drop_stale_tables(&pool).await;
+    let store = PostgresStore::new(pool)
+        .with_schema(SCHEMA)
+        .unwrap()
+        .with_table(&unique_table())
+        .unwrap();
+    store.migrate().await.unwrap();
+    store
+}
+
+/// For the conformance suite: one table for the whole run (every check
+/// uses random keys), each check with a pool of its own.
+async fn store() -> Option<Arc<dyn Store>> {
+    static TABLE: OnceLock<String> = OnceLock::new();
+    let url = database_url()?;
+    let pool = connect(&url).await;
+    drop_stale_tables(&pool).await;
+    let store = PostgresStore::new(pool)
+        .with_schema(SCHEMA)
+        .unwrap()
+        .with_table(TABLE.get_or_init(unique_table))
+        .unwrap();
+    store.migrate().await.unwrap();
+    Some(Arc::new(store))
+}
+
+mod conformance {
+    tower_idempotency::store_conformance_tests!(super::store);
+}
+
+async fn drop_table(store: &PostgresStore) {
+    sqlx::query(&format!("DROP TABLE IF EXISTS {}", store.qualified_table()))
+        .execute(store.pool())
+        .await
+        .unwrap();
+}
+
+/// The same table through another pool.
+async fn same_table(store: &PostgresStore, pool: PgPool) -> PostgresStore {
+    let table = store
+        .qualified_table()
+        .rsplit('.')
+        .next()
+        .unwrap()
+        .trim_matches('"');
+    PostgresStore::new(pool)
+        .with_schema(SCHEMA)
+        .unwrap()
+        .with_table(table)
+        .unwrap()
+}
+
+fn fp(n: u8) -> Fingerprint {
+    Fingerprint::from_bytes([n; 32])
+}
+
+async fn acquire(
+    store: &PostgresStore,
+    key: &tower_idempotency::StoreKey,
+) -> tower_idempotency::LockToken {
+    match store
+        .begin(key, &fp(1), Duration::from_secs(30))
+        .await
+        .unwrap()
+    {
+        Begin::Acquired(token) => token,
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+}
+
+async fn count_rows(store: &PostgresStore, live: bool) -> i64 {
+    let op = if live { ">" } else { "<=" };
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {} WHERE expires_at {op} now()",
+        store.qualified_table()
+    ))
+    .fetch_one(store.pool())
+    .await
+    .unwrap()
+}
+
+// Configuration.
+
+#[tokio::test]
+async fn names_are_validated_and_migrate_is_idempotent() {
+    let Some(url) = database_url() else { return };
+    let pool = connect(&url).await;
+    for bad in [
+        "",
+        "1table",
+        "a-b",
+        "x\"; DROP TABLE y; --",
+        &"n".repeat(64),
+    ] {
+        let err = PostgresStore::new(pool.clone())
+            .with_table(bad)
+            .unwrap_err();
+        let StoreError::Backend(err) = err else {
+            panic!("{bad:?}: not a backend error")
+        };
+        assert!(err.downcast_ref::<InvalidIdentifier>().is_some(), "{bad:?}");
+        assert!(PostgresStore::new(pool.clone()).with_schema(bad).is_err());
+    }
+
+    // A fresh schema, migrated by several instances at once, then again.
+    let schema = format!("ti_{}", uuid::Uuid::new_v4().simple());
+    let store = PostgresStore::new(pool.clone())
+        .with_schema(&schema)
+        .unwrap()
+        .with_table("records")
+        .unwrap();
+    assert_eq!(store.qualified_table(), format!("\"{schema}\".\"records\""));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move { store.migrate().await }));
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    store.migrate().await.unwrap();
+    let key = random_key();
+    acquire(&store, &key).await;
+    let index: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_indexes WHERE schemaname = $1 AND indexdef LIKE '%(expires_at)%')",
+    )
+    .bind(&schema)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(index, "no index on expires_at");
+    sqlx::query(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .execute(&pool)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_corrupt_record_is_reported_not_replayed() {
+    let Some(url) = database_url() else { return };
+    let store = store_on(connect(&url).await).await;
+    let key = random_key();
+    let token = acquire(&store, &key).await;
+    let record = sample_record(fp(1), 16);
+    assert!(
+        store
+            .complete(&key, &token, &record, Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    sqlx::query(&format!(
+        "UPDATE {} SET record = substring(record from 1 for 20) WHERE key = $1",
+        store.qualified_table()
+    ))
+    .bind(&key.as_bytes()[..])
+    .execute(store.pool())
+    .await
+    .unwrap();
+    assert!(matches!(
+        store.begin(&key, &fp(1), Duration::from_secs(30)).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    drop_table(&store).await;
+}
+
+/// Many concurrent `begin`s on keys whose rows expire, are taken over and
+/// are committed while the others' statements run: exactly one acquires,
+/// the others see the winner's lock, and nobody sees the expired record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn begin_is_exclusive_under_takeover_races() {
+    let Some(url) = database_url() else { return };
+    let store = store_on(
+        PgPoolOptions::new()
+            .max_connections(16)
+            .connect(&url)
+            .await
+            .unwrap(),
+    )
+    .await;
+    for round in 0..20 {
+        let key = random_key();
+        if round % 2 == 1 {
+            // An expired record to take over.
+            let token = acquire(&store, &key).await;
+            let record = sample_record(fp(200), 8);
+            let ttl = Duration::from_millis(1);
+            assert!(store.complete(&key, &token, &record, ttl).await.unwrap());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut tasks = Vec::new();
+        for n in 0..32u8 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let outcome = store.begin(&key, &fp(n), Duration::from_secs(30)).await;
+                (n, outcome.unwrap())
+            }));
+        }
+        let mut winner = None;
+        let mut seen = Vec::new();
+        for task in tasks {
+            match task.await.unwrap() {
+                (n, Begin::Acquired(_)) => {
+                    assert!(winner.is_none(), "two winners in round {round}");
+                    winner = Some(fp(n));
+                }
+                (_, Begin::InFlight { fingerprint }) => seen.push(fingerprint),
+                (_, other) => panic!("round {round}: {other:?}"),
+            }
+        }
+        let winner = winner.unwrap();
+        assert!(seen.iter().all(|f| *f == winner), "round {round}");
+    }
+    drop_table(&store).await;
+}
+
+// Two instances, one database.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_layer_instances_share_one_table() {
+    let Some(url) = database_url() else { return };
+    let first = store_on(connect(&url).await).await;
+    let second = same_table(&first, connect(&url).await).await;
+    let counter = Counter::default();
+    let apps = [
+        common::router(counter.clone()).layer(IdempotencyLayer::new(first.clone())),
+        common::router(counter.clone()).layer(IdempotencyLayer::new(second)),
+    ];
+
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let app = apps[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let req = post_req(Some("shared-key"))
+                .header("x-delay-ms", "200")
+                .body(Body::from("{\"item\":\"book\"}"))
+                .unwrap();
+            send(&app, req).await
+        }));
+    }
+    let (mut first_runs, mut replays, mut conflicts) = (0, 0, 0);
+    for task in tasks {
+        let (status, headers, body) = task.await.unwrap();
+        match status {
+            StatusCode::CREATED if headers.get("idempotent-replayed").is_some() => {
+                assert_eq!(headers["idempotent-replayed"], "true");
+                assert_eq!(headers["x-execution"], "1");
+                assert_eq!(body, "{\"item\":\"book\"}");
+                replays += 1;
+            }
+            StatusCode::CREATED => first_runs += 1,
+            StatusCode::CONFLICT => {
+                problem(status, &headers, &body);
+                conflicts += 1;
+            }
+            other => panic!("unexpected {other}: {body:?}"),
+        }
+    }
+    assert_eq!(counter.get(), 1, "the handler ran more than once");
+    assert_eq!(first_runs, 1);
+    assert_eq!(first_runs + replays + conflicts, 100);
+
+    // Afterwards, either instance replays.
+    for app in &apps {
+        let (status, headers, _) = call_post(app, Some("shared-key"), "{\"item\":\"book\"}").await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert_eq!(headers["idempotent-replayed"], "true");
+    }
+    assert_eq!(counter.get(), 1);
+    drop_table(&first).await;
+}
+
+// Durability.
+
+#[tokio::test]
+async fn records_survive_a_restart_byte_for_byte() {
+    let Some(url) = database_url() else { return };
+    let pool = connect(&url).await;
+    let store = store_on(pool.clone()).await;
+    let key = random_key();
+    let token = acquire(&store, &key).await;
+    let record = sample_record(fp(1), 64 * 1024);
+    assert!(
+        store
+            .complete(&key, &token, &record, Duration::from_secs(3600))
+            .await
+            .unwrap()
+    );
+    pool.close().await;
+
+    let restarted = same_table(&store, connect(&url).await).await;
+    match restarted
+        .begin(&key, &fp(2), Duration::from_secs(30))
+        .await
+        .unwrap()
+    {
+        Begin::Completed(replay) => {
+            assert_eq!(replay, record);
+            assert_eq!(replay.body(), record.body());
+            assert_eq!(replay.encode(), record.encode());
+        }
+        other => panic!("expected Completed, got {other:?}"),
+    }
+    drop_table(&restarted).await;
+}
+
+// Outages.
+
+/// What a [`Proxy`] saw the client send, by PostgreSQL protocol message.
+#[derive(Default)]
+struct Wire {
+    /// `Execute` (extended protocol) and `Query` (simple protocol)
+    /// messages: statements run.
+    statements: AtomicUsize,
+    /// `Sync` messages: round trips that wait for the server.
+    syncs: AtomicUsize,
+}
+
+impl Wire {
+    fn take(&self) -> (usize, usize) {
+        (
+            self.statements.swap(0, Ordering::SeqCst),
+            self.syncs.swap(0, Ordering::SeqCst),
+        )
+    }
+
+    /// Counts the complete messages at the front of `buf` and drops them.
+    fn count(&self, buf: &mut Vec<u8>, started: &mut bool) {
+        loop {
+            let header = if *started { 5 } else { 8 };
+            if buf.len() < header {
+                return;
+            }
+            let len_at = usize::from(*started);
+            let len = u32::from_be_bytes(buf[len_at..len_at + 4].try_into().unwrap()) as usize;
+            let total = len_at + len;
+            if buf.len() < total {
+                return;
+            }
+            if *started {
+                match buf[0] {
+                    b'E' | b'Q' => self.statements.fetch_add(1, Ordering::SeqCst),
+                    b'S' => self.syncs.fetch_add(1, Ordering::SeqCst),
+                    _ => 0,
+                };
+            } else if buf[4..8] == 196_608u32.to_be_bytes() {
+                // The start-up message (protocol 3.0): typed messages follow.
+                *started = true;
+            }
+            buf.drain(..total);
+        }
+    }
+}
+
+/// Forwards `client` to `upstream`, counting what the client sends.
+async fn forward_counting(client: TcpStream, upstream: SocketAddr, wire: Arc<Wire>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(server) = TcpStream::connect(upstream).await else {
+        return;
+    };
+    let (mut client_rx, mut client_tx) = client.into_split();
+    let (mut server_rx, mut server_tx) = server.into_split();
+    let back = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
+    });
+    let (mut buf, mut pending, mut started) = (vec![0u8; 64 * 1024], Vec::new(), false);
+    while let Ok(n) = client_rx.read(&mut buf).await {
+        if n == 0 || server_tx.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        pending.extend_from_slice(&buf[..n]);
+        wire.count(&mut pending, &mut started);
+    }
+    back.abort();
+}
+
+/// A TCP forwarder that can be stopped, cutting every forwarded connection,
+/// and started again on the same port.
+struct Proxy {
+    addr: SocketAddr,
+    upstream: SocketAddr,
+    accept: JoinHandle<()>,
+    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(bind: SocketAddr, upstream: SocketAddr, wire: Option<Arc<Wire>>) -> Self {
+        let listener = TcpListener::bind(bind).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let list = conns.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let wire = wire.clone();
+                let conn = tokio::spawn(async move {
+                    if let Some(wire) = wire {
+                        forward_counting(client, upstream, wire).await;
+                    } else if let Ok(mut server) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                list.lock().unwrap().push(conn);
+            }
+        });
+        Self {
+            addr,
+            upstream,
+            accept,
+            conns,
+        }
+    }
+
+    async fn stop(self) -> (SocketAddr, SocketAddr) {
+        self.accept.abort();
+        let _ = self.accept.await;
+        let conns: Vec<_> = self.conns.lock().unwrap().drain(..).collect();
+        for conn in conns {
+            conn.abort();
+            let _ = conn.await;
+        }
+        (self.addr, self.upstream)
+    }
+}
+
+fn connect_options(url: &str) -> PgConnectOptions {
+    PgConnectOptions::from_str(url).unwrap()
+}
+
+async fn upstream(url: &str) -> SocketAddr {
+    let opts = connect_options(url);
+    tokio::net::lookup_host((opts.get_host(), opts.get_port()))
+        .await
+        .unwrap()
+        .next()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_answers_503_in_bound_and_recovers() {
+    let Some(url) = database_url() else { return };
+    let direct = store_on(connect(&url).await).await;
+    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), upstream(&url).await, None).await;
+    let through = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_millis(500))
+        .connect_with(
+            connect_options(&url)
+                .host("127.0.0.1")
+                .port(proxy.addr.port()),
+        )
+        .await
+        .unwrap();
+    let store = same_table(&direct, through).await;
+    let counter = Counter::default();
+    let app = common::router(counter.clone()).layer(IdempotencyLayer::new(store));
+
+    let (status, _, _) = call_post(&app, Some("before"), "{}").await;
+    assert_eq!(status, StatusCode::CREATED);
+
+    let (addr, upstream) = proxy.stop().await;
+    for n in 0..3 {
+        let start = Instant::now();
+        let (status, headers, body) = call_post(&app, Some(&format!("during-{n}")), "{}").await;
+        let elapsed = start.elapsed();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body:?}");
+        problem(status, &headers, &body);
+        assert!(headers.contains_key("retry-after"));
+        assert!(elapsed < Duration::from_millis(2500), "took {elapsed:?}");
+    }
+    assert_eq!(counter.get(), 1, "no handler ran during the outage");
+
+    // Back on the same port: the same store recovers by itself.
+    let proxy = Proxy::start(addr, upstream, None).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut n = 0;
+    loop {
+        n += 1;
+        let (status, _, _) = call_post(&app, Some(&format!("after-{n}")), "{}").await;
+        if status == StatusCode::CREATED {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery, last answer {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And a replay of the request made before the outage.
+    let (status, headers, _) = call_post(&app, Some("before"), "{}").await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(headers["idempotent-replayed"], "true");
+    proxy.stop().await;
+    drop_table(&direct).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_server_answers_503_in_bound() {
+    let Some(url) = database_url() else { return };
+    // A port nobody listens on.
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    // The pool's own acquire timeout is the default 30 s: the store's bound
+    // is what answers.
+    let pool =
+        PgPoolOptions::new().connect_lazy_with(connect_options(&url).host("127.0.0.1").port(port));
+    let store = PostgresStore::new(pool).with_timeout(Duration::from_millis(500));
+    let start = Instant::now();
+    let err = store
+        .begin(&random_key(), &fp(1), Duration::from_secs(30))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Timeout(_) | StoreError::Unavailable(_)),
+        "{err:?}"
+    );
+    assert!(start.elapsed() < Duration::from_millis(1500));
+
+    let app = common::router(Counter::default()).layer(IdempotencyLayer::new(store));
+    let start = Instant::now();
+    let (status, headers, body) = call_post(&app, Some("k"), "{}").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    problem(status, &headers, &body);
+    assert!(
+        start.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+// Expiry.
+
+#[tokio::test]
+async fn delete_expired_deletes_in_batches_and_never_live_rows() {
+    let Some(url) = database_url() else { return };
+    let store = store_on(connect(&url).await).await;
+    let (short, long) = (Duration::from_millis(300), Duration::from_secs(3600));
+    let mut live = Vec::new();
+    for n in 0..12 {
+        let key = random_key();
+        let token = acquire(&store, &key).await;
+        let ttl = if n < 7 { short } else { long };
+        let record = sample_record(fp(1), 32);
+        assert!(store.complete(&key, &token, &record, ttl).await.unwrap());
+        if ttl == long {
+            live.push(key);
+        }
+    }
+    // An abandoned lock expires too.
+    store
+        .begin(&random_key(), &fp(1), Duration::from_millis(300))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(count_rows(&store, false).await, 8);
+
+    assert_eq!(store.delete_expired(0).await.unwrap(), 0);
+    assert_eq!(store.delete_expired(3).await.unwrap(), 3);
+    assert_eq!(store.delete_expired(3).await.unwrap(), 3);
+    assert_eq!(store.delete_expired(3).await.unwrap(), 2);
+    assert_eq!(store.delete_expired(3).await.unwrap(), 0);
+    assert_eq!(count_rows(&store, true).await, 5);
+    for key in &live {
+        assert!(matches!(
+            store
+                .begin(key, &fp(1), Duration::from_secs(30))
+                .await
+                .unwrap(),
+            Begin::Completed(_)
+        ));
+    }
+    drop_table(&store).await;
+}
+
+#[tokio::test]
+async fn the_sweeper_removes_expired_rows() {
+    let Some(url) = database_url() else { return };
+    let store = store_on(connect(&url).await).await;
+    for n in 0..25 {
+        let key = random_key();
+        let token = acquire(&store, &key).await;
+        let ttl = if n < 20 {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(3600)
+        };
+        assert!(
+            store
+                .complete(&key, &token, &sample_record(fp(1), 8), ttl)
+                .await
+                .unwrap()
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sweeper = store.spawn_sweeper(Duration::from_millis(100), 3);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while count_rows(&store, false).await > 0 {
+        assert!(Instant::now() < deadline, "the sweeper left expired rows");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count_rows(&store, true).await, 5);
+    assert!(!sweeper.is_finished());
+
+    // Errors are logged, not fatal: the table vanishes under it.
+    drop_table(&store).await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(!sweeper.is_finished(), "the sweeper stopped on an error");
+    // A closed pool ends it.
+    store.pool().close().await;
+    tokio::time::timeout(Duration::from_secs(2), sweeper)
+        .await
+        .expect("the sweeper outlived its pool")
+        .unwrap();
+}
+
+// Statements per request.
+
+/// Lets the pool's on-release ping finish, so it is counted with its
+/// statement.
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// Counted on the wire, between the pool and the server: a first execution
+/// runs two statements (begin, complete), a replay one (begin). Each
+/// statement is one round trip; sqlx adds a `Sync`-only ping when a
+/// connection goes back to the pool (off the request's path), and another
+/// when it hands one out unless `test_before_acquire(false)`.
+#[tokio::test]
+async fn one_statement_for_begin_and_one_for_complete() {
+    let Some(url) = database_url() else { return };
+    let direct = store_on(connect(&url).await).await;
+    let wire = Arc::new(Wire::default());
+    let proxy = Proxy::start(
+        "127.0.0.1:0".parse().unwrap(),
+        upstream(&url).await,
+        Some(wire.clone()),
+    )
+    .await;
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        // Otherwise every connection handed out is pinged first.
+        .test_before_acquire(false)
+        .connect_with(
+            connect_options(&url)
+                .host("127.0.0.1")
+                .port(proxy.addr.port())
+                .ssl_mode(PgSslMode::Disable),
+        )
+        .await
+        .unwrap();
+    let faulty = Arc::new(FaultyStore::new(same_table(&direct, pool).await));
+    let app = common::router(Counter::default()).layer(IdempotencyLayer::from_arc(faulty.clone()));
+
+    // Warm the connection up: its set-up and the first preparation of each
+    // statement are not counted.
+    call_post(&app, Some("warm-up"), "{}").await;
+    call_post(&app, Some("warm-up"), "{}").await;
+    settle().await;
+    wire.take();
+    let before = (faulty.calls(Op::Begin), faulty.calls(Op::Complete));
+
+    let (status, _, _) = call_post(&app, Some("counted"), "{}").await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(faulty.calls(Op::Begin) - before.0, 1);
+    assert_eq!(faulty.calls(Op::Complete) - before.1, 1);
+    settle().await;
+    let (statements, syncs) = wire.take();
+    assert_eq!(statements, 2, "a first execution: begin and complete");
+    assert!(syncs <= 2 * statements, "{syncs} round trips");
+
+    let (status, headers, _) = call_post(&app, Some("counted"), "{}").await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(headers["idempotent-replayed"], "true");
+    assert_eq!(faulty.calls(Op::Begin) - before.0, 2);
+    assert_eq!(faulty.calls(Op::Complete) - before.1, 1);
+    settle().await;
+    let (statements, syncs) = wire.take();
+    assert_eq!(statements, 1, "a replay: begin only");
+    assert!(syncs <= 2 * statements, "{syncs} round trips");
+    assert_eq!(faulty.calls(Op::Release) + faulty.calls(Op::Extend), 0);
+
+    proxy.stop().await;
+    drop_table(&direct).await;
+}
