@@ -64,6 +64,11 @@
 //! - `complete`, `release` and `extend` are one `UPDATE` or `DELETE` each,
 //!   fenced by the lock token and a live lease.
 //!
+//! Each statement is one round trip once the connection has prepared it.
+//! sqlx itself pings a connection when it goes back to the pool (off the
+//! request's path) and, unless the pool is built with
+//! `test_before_acquire(false)`, when it hands one out.
+//!
 //! Expired rows are never returned; they are taken over by the next `begin`
 //! and removed by [`delete_expired`](PostgresStore::delete_expired), which
 //! [`spawn_sweeper`](PostgresStore::spawn_sweeper) calls periodically.
