@@ -115,7 +115,7 @@ impl Default for Config {
             excluded_headers: Vec::new(),
             store_timeout: Duration::from_secs(2),
             retry_after: Duration::from_secs(1),
-            complete_retries: 3,
+            complete_retries: 8,
         }
     }
 }
@@ -165,6 +165,7 @@ impl Config {
 /// | [`with_record_if`](Self::with_record_if) | [`default_record_if`] |
 /// | [`with_replayed_header`](Self::with_replayed_header) | `Idempotent-Replayed: true` |
 /// | [`with_store_timeout`](Self::with_store_timeout) | 2 seconds per store call |
+/// | [`with_complete_retries`](Self::with_complete_retries) | 8 background retries of a failed record write |
 #[derive(Clone)]
 #[must_use]
 pub struct IdempotencyLayer {
@@ -332,7 +333,10 @@ impl IdempotencyLayer {
     }
 
     /// How many more times a failed `complete` is retried in the background
-    /// after the response was sent (default 3).
+    /// after the response was sent (default 8), with exponential backoff from
+    /// 50 ms, each wait at most a quarter of the lease: about 13 s in all
+    /// with the defaults, so a store outage shorter than that loses no
+    /// record.
     pub fn with_complete_retries(self, retries: u32) -> Self {
         self.config(|c| c.complete_retries = retries)
     }

@@ -492,7 +492,10 @@ impl Ctx {
         let this = self.clone();
         tokio::spawn(async move {
             for attempt in 0..retries {
-                tokio::time::sleep(Duration::from_millis(50 << attempt.min(8))).await;
+                // Exponential, and well inside the lease, which still holds the
+                // key while the store recovers.
+                let backoff = Duration::from_millis(50 << attempt.min(10));
+                tokio::time::sleep(backoff.min(this.config.lease / 4)).await;
                 match this
                     .bounded(
                         "complete",
