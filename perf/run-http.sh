@@ -1,0 +1,178 @@
+#!/usr/bin/env bash
+# HTTP benchmarks over loopback: bench-server under loadgen, one server per
+# row, and a markdown table of req/s and latency with ratios to `bare`.
+#
+#   perf/run-http.sh              # bare; memory unique/repeat/storm;
+#                                 # redis and postgres unique/repeat
+#   perf/run-http.sh --million    # bare, then memory preloaded with
+#                                 # 1,000,000 records: replays and first
+#                                 # executions on top of them
+#
+# Environment (defaults in brackets):
+#   CONNECTIONS [64]  DURATION [10] s  WARMUP [2] s  BODY_BYTES [1024]
+#   LOADGEN_THREADS [1]  SERVER_THREADS [0 = one per core]  PORT [39180]
+#   PRELOAD [1000000] (--million)  RESULTS_DIR [a new temporary directory]
+#   REDIS_URL, DATABASE_URL: the redis and postgres rows run only when set
+#   (PG_POOL [32]: the server's PostgreSQL pool size).
+#
+# The load generator and the server share the machine's cores: the figures
+# are for comparing rows of one run, not absolute capacity. Every load run
+# stops by itself; the script kills each server it starts.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CONNECTIONS="${CONNECTIONS:-64}"
+DURATION="${DURATION:-10}"
+WARMUP="${WARMUP:-2}"
+BODY_BYTES="${BODY_BYTES:-1024}"
+LOADGEN_THREADS="${LOADGEN_THREADS:-1}"
+SERVER_THREADS="${SERVER_THREADS:-0}"
+PORT="${PORT:-39180}"
+PRELOAD="${PRELOAD:-1000000}"
+
+million=0
+for arg in "$@"; do
+  case "$arg" in
+    --million) million=1 ;;
+    -h | --help)
+      sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+      exit 0
+      ;;
+    *)
+      echo "unknown argument: $arg (try --help)" >&2
+      exit 2
+      ;;
+  esac
+done
+
+features=()
+if [ "$million" = 0 ]; then
+  if [ -n "${REDIS_URL:-}" ]; then features+=(redis); fi
+  if [ -n "${DATABASE_URL:-}" ]; then features+=(postgres); fi
+fi
+feature_list="$(IFS=,; echo "${features[*]:-}")"
+
+echo "==> cargo build --release -p tower-idempotency-perf --features '$feature_list'" >&2
+cargo build --release -p tower-idempotency-perf --features "$feature_list" >&2
+bin="${CARGO_TARGET_DIR:-target}/release"
+
+RESULTS_DIR="${RESULTS_DIR:-$(mktemp -d)}"
+mkdir -p "$RESULTS_DIR"
+echo "==> raw results in $RESULTS_DIR" >&2
+
+server_pid=""
+stop_server() {
+  if [ -n "$server_pid" ]; then
+    kill "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+    server_pid=""
+  fi
+}
+trap stop_server EXIT
+trap 'exit 130' INT TERM
+
+# start_server NAME MODE [bench-server flags...]: waits for "listening".
+start_server() {
+  local name="$1" mode="$2"
+  shift 2
+  local log="$RESULTS_DIR/server-$name.log"
+  "$bin/bench-server" --port "$PORT" --mode "$mode" --threads "$SERVER_THREADS" \
+    --exit-after 3600 "$@" >"$log" 2>&1 &
+  server_pid=$!
+  for _ in $(seq 1 3000); do
+    if grep -q '^listening' "$log"; then
+      grep -v '^listening' "$log" | sed 's/^/    /' >&2 || true
+      return 0
+    fi
+    if ! kill -0 "$server_pid" 2>/dev/null; then
+      echo "bench-server --mode $mode did not start:" >&2
+      sed 's/^/    /' "$log" >&2
+      server_pid=""
+      return 1
+    fi
+    sleep 0.2
+  done
+  echo "bench-server --mode $mode not listening after 600 s" >&2
+  return 1
+}
+
+rows=()
+bare_rps=""
+bare_p99=""
+
+field() { sed -E "s/.*\"$1\":([0-9.]+).*/\1/" <<<"$2"; }
+
+# measure LABEL KEYS [loadgen flags...]: one loadgen run, one table row.
+measure() {
+  local label="$1" keys="$2"
+  shift 2
+  echo "==> $label: loadgen --keys $keys $*" >&2
+  local out
+  out="$("$bin/loadgen" --url "http://127.0.0.1:$PORT/orders" \
+    --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
+    --body-bytes "$BODY_BYTES" --threads "$LOADGEN_THREADS" --keys "$keys" "$@")"
+  echo "$out" | tail -n 1 | sed 's/^/    /' >&2
+  local json
+  json="$(echo "$out" | head -n 1)"
+  echo "{\"label\":\"$label\",\"result\":$json}" >>"$RESULTS_DIR/results.jsonl"
+  local rps p50 p99 statuses errors
+  rps="$(field rps "$json")"
+  p50="$(field p50 "$json")"
+  p99="$(field p99 "$json")"
+  errors="$(field errors "$json")"
+  statuses="$(sed -E 's/.*"status":\{([^}]*)\}.*/\1/; s/"//g; s/,/ /g' <<<"$json")"
+  if [ -z "$bare_rps" ]; then
+    bare_rps="$rps"
+    bare_p99="$p99"
+  fi
+  rows+=("$(awk -v l="$label" -v k="$keys" -v r="$rps" -v a="$p50" -v b="$p99" \
+    -v br="$bare_rps" -v bp="$bare_p99" -v s="$statuses" -v e="$errors" 'BEGIN {
+      printf "| %s | %s | %.0f | %.2f | %.2f | %.2f | %.2f | %s%s |",
+        l, k, r, a / 1000, b / 1000, (br > 0 ? r / br : 0), (bp > 0 ? b / bp : 0),
+        s, (e > 0 ? sprintf(", %d errors", e) : "")
+    }')")
+}
+
+# The reference row comes first: every ratio is to it.
+start_server bare bare
+measure bare unique
+stop_server
+
+if [ "$million" = 1 ]; then
+  start_server million memory --preload "$PRELOAD" --preload-body-bytes "$BODY_BYTES"
+  measure "memory, $PRELOAD preloaded" preloaded --key-space "$PRELOAD"
+  measure "memory, $PRELOAD preloaded" repeat
+  measure "memory, $PRELOAD preloaded" unique
+  stop_server
+else
+  start_server memory memory
+  measure memory unique
+  measure memory repeat
+  measure memory storm
+  stop_server
+  for backend in redis postgres; do
+    if [ "$backend" = redis ] && [ -z "${REDIS_URL:-}" ]; then
+      echo "==> skipping redis: REDIS_URL is unset" >&2
+      continue
+    fi
+    if [ "$backend" = postgres ] && [ -z "${DATABASE_URL:-}" ]; then
+      echo "==> skipping postgres: DATABASE_URL is unset" >&2
+      continue
+    fi
+    if start_server "$backend" "$backend"; then
+      measure "$backend" unique
+      measure "$backend" repeat
+      stop_server
+    else
+      echo "==> skipping $backend: the server did not start" >&2
+    fi
+  done
+fi
+
+echo
+echo "$CONNECTIONS connections, ${DURATION} s after ${WARMUP} s warm-up, ${BODY_BYTES}-byte JSON body," \
+  "$(nproc) cores shared by server and load generator (loadgen threads: $LOADGEN_THREADS)"
+echo
+echo "| server | keys | req/s | p50 ms | p99 ms | req/s ÷ bare | p99 ÷ bare | statuses |"
+echo "|---|---|---:|---:|---:|---:|---:|---|"
+printf '%s\n' "${rows[@]}"

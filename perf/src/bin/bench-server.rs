@@ -1,0 +1,285 @@
+//! The order service under load: `POST /orders` answers 201 with a small
+//! JSON order echoing the item; `GET /orders` answers 200 with the count.
+//!
+//! ```text
+//! bench-server --port 3000 --mode bare|memory|redis|postgres \
+//!              [--preload N] [--preload-body-bytes 1024] [--delay-ms 0] \
+//!              [--threads 0] [--exit-after 900]
+//! ```
+//!
+//! - `bare`: no idempotency layer, the reference;
+//! - `memory`: `MemoryStore` bounded to 2,000,000 entries and 4 GiB;
+//! - `redis`: `RedisStore` on `REDIS_URL` (feature `redis`);
+//! - `postgres`: `PostgresStore` on `DATABASE_URL`, table
+//!   `perf_idempotency_records` (feature `postgres`; `PG_POOL` connections,
+//!   default 32).
+//!
+//! `--delay-ms` makes `POST /orders` sleep first, as a slow downstream call
+//! would (so `loadgen --keys storm` meets locks). `--threads` sets the
+//! runtime's worker threads (0: one per core).
+//!
+//! `--preload N` records N orders (keys `pre-0` .. `pre-{N-1}`, bodies of
+//! `--preload-body-bytes`) through the layer, in process, before listening,
+//! so `loadgen --keys preloaded --key-space N` replays them. The server
+//! binds 127.0.0.1 only, prints `listening on http://…` once ready, and
+//! exits by itself after `--exit-after` seconds (0: never).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{Request, StatusCode};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tower::ServiceExt;
+use tower_idempotency::{IdempotencyLayer, MemoryStore, Store};
+use tower_idempotency_perf::{Args, order_body, preload_key};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Deserialize)]
+struct NewOrder {
+    item: String,
+    qty: i64,
+}
+
+#[derive(Serialize)]
+struct Order {
+    id: u64,
+    item: String,
+    qty: i64,
+}
+
+#[derive(Serialize)]
+struct Count {
+    orders: u64,
+}
+
+#[derive(Clone)]
+struct App {
+    next: Arc<AtomicU64>,
+    delay: Duration,
+}
+
+async fn create_order(
+    State(app): State<App>,
+    Json(new): Json<NewOrder>,
+) -> (StatusCode, Json<Order>) {
+    if !app.delay.is_zero() {
+        tokio::time::sleep(app.delay).await;
+    }
+    let next = &app.next;
+    let id = next.fetch_add(1, Ordering::Relaxed);
+    let order = Order {
+        id,
+        item: new.item,
+        qty: new.qty,
+    };
+    (StatusCode::CREATED, Json(order))
+}
+
+async fn count_orders(State(app): State<App>) -> Json<Count> {
+    Json(Count {
+        orders: app.next.load(Ordering::Relaxed),
+    })
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Bare,
+    Memory,
+    Redis,
+    Postgres,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "bare" => Self::Bare,
+            "memory" => Self::Memory,
+            "redis" => Self::Redis,
+            "postgres" => Self::Postgres,
+            _ => return Err(format!("unknown mode `{s}`")),
+        })
+    }
+}
+
+/// The store for `mode`, or `None` for `bare`; the `MemoryStore` handle
+/// too, to report its size.
+async fn store(mode: Mode) -> Result<(Option<Arc<dyn Store>>, Option<MemoryStore>), BoxError> {
+    match mode {
+        Mode::Bare => Ok((None, None)),
+        Mode::Memory => {
+            let store = MemoryStore::new()
+                .with_max_entries(2_000_000)
+                .with_max_bytes(4 << 30);
+            Ok((Some(Arc::new(store.clone())), Some(store)))
+        }
+        Mode::Redis => redis_store().await.map(|s| (Some(s), None)),
+        Mode::Postgres => postgres_store().await.map(|s| (Some(s), None)),
+    }
+}
+
+#[cfg(feature = "redis")]
+async fn redis_store() -> Result<Arc<dyn Store>, BoxError> {
+    let url = std::env::var("REDIS_URL").map_err(|_| "--mode redis needs REDIS_URL")?;
+    Ok(Arc::new(
+        tower_idempotency::RedisStore::from_url(&url).await?,
+    ))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redis_store() -> Result<Arc<dyn Store>, BoxError> {
+    Err("--mode redis needs the `redis` feature of this crate".into())
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres_store() -> Result<Arc<dyn Store>, BoxError> {
+    let url = std::env::var("DATABASE_URL").map_err(|_| "--mode postgres needs DATABASE_URL")?;
+    let pool_size: u32 = std::env::var("PG_POOL")
+        .ok()
+        .map(|p| p.parse())
+        .transpose()?
+        .unwrap_or(32);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(pool_size)
+        .connect(&url)
+        .await?;
+    let store =
+        tower_idempotency::PostgresStore::new(pool).with_table("perf_idempotency_records")?;
+    store.migrate().await?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn postgres_store() -> Result<Arc<dyn Store>, BoxError> {
+    Err("--mode postgres needs the `postgres` feature of this crate".into())
+}
+
+/// Records `n` orders through `app`, from `tasks` concurrent tasks.
+async fn preload(app: &Router, n: u64, body_bytes: usize, tasks: u64) -> Result<(), BoxError> {
+    let body = order_body(body_bytes);
+    let tasks = tasks.max(1);
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let app = app.clone();
+        let body = body.clone();
+        handles.push(tokio::spawn(async move {
+            let mut i = t;
+            while i < n {
+                let req = Request::post("/orders")
+                    .header("content-type", "application/json")
+                    .header("idempotency-key", preload_key(i))
+                    .body(Body::from(body.clone()))?;
+                let res = app.clone().oneshot(req).await?;
+                if res.status() != StatusCode::CREATED {
+                    return Err(format!("preload {i}: status {}", res.status()).into());
+                }
+                // The record is written once the body has been read.
+                axum::body::to_bytes(res.into_body(), usize::MAX).await?;
+                i += tasks;
+            }
+            Ok::<(), BoxError>(())
+        }));
+    }
+    for h in handles {
+        h.await??;
+    }
+    Ok(())
+}
+
+struct Opts {
+    port: u16,
+    mode: Mode,
+    preload: u64,
+    preload_body: usize,
+    exit_after: u64,
+    threads: usize,
+    delay: Duration,
+}
+
+fn opts() -> Result<Opts, BoxError> {
+    let mut args = Args::from_env()?;
+    let opts = Opts {
+        port: args.get("port", 3000)?,
+        mode: args.get("mode", Mode::Memory)?,
+        preload: args.get("preload", 0)?,
+        preload_body: args.get("preload-body-bytes", 1024)?,
+        exit_after: args.get("exit-after", 900)?,
+        threads: args.get("threads", 0)?,
+        delay: Duration::from_millis(args.get("delay-ms", 0)?),
+    };
+    args.finish()?;
+    Ok(opts)
+}
+
+async fn run(opts: Opts) -> Result<(), BoxError> {
+    let Opts {
+        port,
+        mode,
+        preload: preload_n,
+        preload_body,
+        exit_after,
+        threads: _,
+        delay,
+    } = opts;
+    let (store, memory) = store(mode).await?;
+    let state = App {
+        next: Arc::new(AtomicU64::new(0)),
+        delay,
+    };
+    let routes = Router::new().route("/orders", post(create_order).get(count_orders));
+    let app = match store {
+        None => routes.with_state(state),
+        Some(store) => routes
+            .layer(IdempotencyLayer::from_arc(store))
+            .with_state(state),
+    };
+
+    if preload_n > 0 {
+        if mode == Mode::Bare {
+            return Err("--preload needs a store (not --mode bare)".into());
+        }
+        let t = Instant::now();
+        preload(&app, preload_n, preload_body, 64).await?;
+        let secs = t.elapsed().as_secs_f64();
+        let size = memory
+            .as_ref()
+            .map(|m| format!(" (store: {} entries, {} MiB)", m.len(), m.bytes() >> 20))
+            .unwrap_or_default();
+        println!(
+            "preloaded {preload_n} records in {secs:.1} s, {:.0}/s{size}",
+            preload_n as f64 / secs
+        );
+    }
+
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    println!("listening on http://{} ({mode:?})", listener.local_addr()?);
+    let serve = axum::serve(listener, app);
+    if exit_after == 0 {
+        serve.await?;
+    } else {
+        // Bounded: a server somebody forgot stops by itself.
+        let _ = tokio::time::timeout(Duration::from_secs(exit_after), serve).await;
+        println!("exiting after {exit_after} s");
+    }
+    Ok(())
+}
+
+fn main() {
+    let result = opts().and_then(|opts| {
+        let mut rt = tokio::runtime::Builder::new_multi_thread();
+        if opts.threads > 0 {
+            rt.worker_threads(opts.threads);
+        }
+        rt.enable_all().build()?.block_on(run(opts))
+    });
+    if let Err(e) = result {
+        eprintln!("bench-server: {e}");
+        std::process::exit(1);
+    }
+}
