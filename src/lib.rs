@@ -139,6 +139,9 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub mod client;
 pub mod fingerprint;
 mod future;
 pub mod key;
@@ -157,6 +160,9 @@ pub mod test_util;
 mod test_helpers;
 
 pub use body::{RequestBody, ResponseBody};
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub use client::{IdempotentClient, IdempotentClientLayer};
 pub use fingerprint::{Fingerprint, FingerprintConfig};
 pub use future::ResponseFuture;
 pub use key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
