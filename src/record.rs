@@ -28,6 +28,7 @@
 //! replay.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -53,16 +54,15 @@ pub enum RecordKind {
 
 /// A completed request: its fingerprint and the response to replay.
 ///
-/// Cloning is cheap for the body (reference counted) and clones the header
-/// list.
+/// Cloning is cheap: the body and the header lists are reference counted.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Record {
     kind: RecordKind,
     fingerprint: Fingerprint,
     created_at_ms: u64,
     status: StatusCode,
-    headers: Vec<(HeaderName, HeaderValue)>,
-    trailers: Vec<(HeaderName, HeaderValue)>,
+    headers: Arc<[(HeaderName, HeaderValue)]>,
+    trailers: Arc<[(HeaderName, HeaderValue)]>,
     body: Bytes,
 }
 
@@ -107,8 +107,8 @@ impl Record {
             fingerprint,
             created_at_ms: now_ms(),
             status,
-            headers,
-            trailers: Vec::new(),
+            headers: headers.into(),
+            trailers: no_fields(),
             body,
         }
     }
@@ -126,8 +126,8 @@ impl Record {
             fingerprint,
             created_at_ms: now_ms(),
             status,
-            headers,
-            trailers: Vec::new(),
+            headers: headers.into(),
+            trailers: no_fields(),
             body: Bytes::new(),
         }
     }
@@ -135,7 +135,11 @@ impl Record {
     /// Sets the trailers recorded after the body (gRPC-style responses).
     #[must_use]
     pub fn with_trailers(mut self, trailers: Vec<(HeaderName, HeaderValue)>) -> Self {
-        self.trailers = trailers;
+        self.trailers = if trailers.is_empty() {
+            no_fields()
+        } else {
+            trailers.into()
+        };
         self
     }
 
@@ -219,7 +223,7 @@ impl Record {
         out.put_slice(self.fingerprint.as_bytes());
         out.put_u64(self.created_at_ms);
         out.put_u16(self.status.as_u16());
-        for list in [&self.headers, &self.trailers] {
+        for list in [&*self.headers, &*self.trailers] {
             out.put_u32(len_u32(list.len()));
             for (name, value) in list.iter() {
                 let name = name.as_str().as_bytes();
@@ -283,11 +287,22 @@ impl Record {
             fingerprint: Fingerprint::from_bytes(fingerprint),
             created_at_ms,
             status,
-            headers,
-            trailers,
+            headers: headers.into(),
+            trailers: if trailers.is_empty() {
+                no_fields()
+            } else {
+                trailers.into()
+            },
             body,
         })
     }
+}
+
+/// The shared empty field list: no allocation for records without trailers.
+fn no_fields() -> Arc<[(HeaderName, HeaderValue)]> {
+    static EMPTY: std::sync::OnceLock<Arc<[(HeaderName, HeaderValue)]>> =
+        std::sync::OnceLock::new();
+    EMPTY.get_or_init(|| Arc::from(Vec::new())).clone()
 }
 
 const CHECKSUM_LEN: usize = 8;
