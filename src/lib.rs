@@ -166,15 +166,15 @@ pub use client::{IdempotentClient, IdempotentClientLayer};
 pub use fingerprint::{Fingerprint, FingerprintConfig};
 pub use future::ResponseFuture;
 pub use key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
-pub use observe::Outcome;
 pub use layer::{IdempotencyLayer, InFlightPolicy, Retention, StoreErrorPolicy, default_record_if};
+pub use observe::Outcome;
 pub use problem::Rejection;
 pub use record::{Record, RecordKind};
 pub use service::Idempotency;
-pub use store::{Begin, BoxError, LockToken, MemoryStore, Store, StoreError, StoreKey};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use store::PostgresStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::RedisStore;
+pub use store::{Begin, BoxError, LockToken, MemoryStore, Store, StoreError, StoreKey};
