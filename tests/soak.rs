@@ -288,10 +288,10 @@ async fn soak(name: &str, stores: [Arc<dyn Store>; 2], proxy: &Proxy) {
             let mut n = 0u64;
             while Instant::now() < deadline {
                 n += 1;
-                let suffix = if n % 7 == 0 { "-p" } else { "" };
+                let suffix = if n.is_multiple_of(7) { "-p" } else { "" };
                 let key = format!("{run}-w{w}-{n}{suffix}");
                 until_created(&client, &addrs, &key, &tally, patience).await;
-                if n % 4 == 0 {
+                if n.is_multiple_of(4) {
                     // A client retry of a completed request: a replay.
                     send(&client, addrs[(n as usize + 1) % 2], &key, &tally).await;
                 }
