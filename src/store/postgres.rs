@@ -452,8 +452,13 @@ impl PostgresStore {
         })
     }
 
+    /// The bound on every call.
+    pub(super) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Runs `op` within `limit`, mapping its errors.
-    async fn bounded<T>(
+    pub(super) async fn bounded<T>(
         &self,
         limit: Duration,
         op: impl Future<Output = Result<T, sqlx::Error>>,
@@ -463,7 +468,7 @@ impl PostgresStore {
 
     /// Runs `op` until `deadline`, mapping its errors; a timeout reports
     /// `limit`.
-    async fn bounded_until<T>(
+    pub(super) async fn bounded_until<T>(
         &self,
         deadline: Instant,
         limit: Duration,
@@ -503,30 +508,34 @@ impl PostgresStore {
         if acquired {
             return Ok(Some(Begin::Acquired(*token)));
         }
-        let state: Option<i16> = row.try_get("state").map_err(map_err)?;
-        match state {
-            Some(0) => {
-                let stored: Option<Vec<u8>> = row.try_get("fingerprint").map_err(map_err)?;
-                let stored = stored
-                    .and_then(|bytes| <[u8; 32]>::try_from(bytes.as_slice()).ok())
-                    .ok_or_else(|| malformed("fingerprint is not 32 bytes"))?;
-                Ok(Some(Begin::InFlight {
-                    fingerprint: Fingerprint::from_bytes(stored),
-                }))
-            }
-            Some(1) => {
-                let bytes: Option<Vec<u8>> = row.try_get("record").map_err(map_err)?;
-                let bytes = bytes.ok_or_else(|| malformed("completed row without a record"))?;
-                Ok(Some(Begin::Completed(Record::decode_bytes(Bytes::from(
-                    bytes,
-                ))?)))
-            }
-            _ => Err(malformed("unknown state")),
-        }
+        live_row(&row).map(Some)
     }
 }
 
-fn interval_secs(d: Duration) -> f64 {
+/// A live row (its `state`, `fingerprint` and `record` columns) as the
+/// outcome of a `begin` that did not take the key: in flight, or completed.
+pub(super) fn live_row(row: &sqlx::postgres::PgRow) -> Result<Begin, StoreError> {
+    let state: Option<i16> = row.try_get("state").map_err(map_err)?;
+    match state {
+        Some(0) => {
+            let stored: Option<Vec<u8>> = row.try_get("fingerprint").map_err(map_err)?;
+            let stored = stored
+                .and_then(|bytes| <[u8; 32]>::try_from(bytes.as_slice()).ok())
+                .ok_or_else(|| malformed("fingerprint is not 32 bytes"))?;
+            Ok(Begin::InFlight {
+                fingerprint: Fingerprint::from_bytes(stored),
+            })
+        }
+        Some(1) => {
+            let bytes: Option<Vec<u8>> = row.try_get("record").map_err(map_err)?;
+            let bytes = bytes.ok_or_else(|| malformed("completed row without a record"))?;
+            Ok(Begin::Completed(Record::decode_bytes(Bytes::from(bytes))?))
+        }
+        _ => Err(malformed("unknown state")),
+    }
+}
+
+pub(super) fn interval_secs(d: Duration) -> f64 {
     d.min(MAX_INTERVAL).as_secs_f64()
 }
 
