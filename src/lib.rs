@@ -82,6 +82,7 @@
 //! | [`MemoryStore`] | one process; tests. Sharded, bounded, self-expiring. |
 //! | `RedisStore` (feature `redis`) | several instances behind a load balancer; one round trip per step. |
 //! | `PostgresStore` (feature `postgres`) | records must survive restarts, in the database the service already runs. |
+//! | `TransactionalPostgresStore` (feature `postgres`) | the handler writes to that same database: its writes and the record commit in one transaction, so a crash can never run it twice. |
 //!
 //! Any other backend implements [`Store`] and proves itself with the
 //! conformance suite in `test_util` (feature `test-util`).
@@ -178,3 +179,6 @@ pub use store::PostgresStore;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::RedisStore;
 pub use store::{Begin, BoxError, LockToken, MemoryStore, Store, StoreError, StoreKey};
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use store::{IdempotentTransaction, TransactionalPostgresStore};
