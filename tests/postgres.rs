@@ -775,3 +775,55 @@ async fn one_statement_for_begin_and_one_for_complete() {
     proxy.stop().await;
     drop_table(&direct).await;
 }
+
+/// A `begin` cut off by its timeout while its statement waits on a row lock
+/// still commits once the lock is freed; the store then releases that lock
+/// under the attempt's own token, so a retry acquires the key instead of
+/// waiting out the 30 s lease.
+#[tokio::test]
+async fn an_unanswered_begin_does_not_strand_its_lock() {
+    let Some(url) = database_url() else {
+        return;
+    };
+    let store = store_on(connect(&url).await)
+        .await
+        .with_timeout(Duration::from_millis(300));
+    let key = tower_idempotency::test_util::random_key();
+    let fp = tower_idempotency::Fingerprint::from_bytes([3; 32]);
+    // Another transaction inserts the same key and holds it uncommitted.
+    let blocker_pool = connect(&url).await;
+    let mut blocker = blocker_pool.begin().await.unwrap();
+    sqlx::query(&format!(
+        "INSERT INTO {} (key, fingerprint, state, lock_token, expires_at) VALUES ($1, $2, 0, $3, now() - interval '1 hour')",
+        store.qualified_table()
+    ))
+    .bind(&key.as_bytes()[..])
+    .bind(&fp.as_bytes()[..])
+    .bind(&[0u8; 16][..])
+    .execute(&mut *blocker)
+    .await
+    .unwrap();
+    let err = store
+        .begin(&key, &fp, Duration::from_secs(30))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Timeout(_)), "{err:?}");
+    // The blocker goes away; the cut-off statement now takes the lock under
+    // a token nobody holds.
+    blocker.rollback().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        match store.begin(&key, &fp, Duration::from_secs(30)).await {
+            Ok(Begin::Acquired(_)) => break,
+            Ok(Begin::InFlight { .. }) | Err(StoreError::Timeout(_)) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the unanswered begin's lock was never released"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    drop_table(&store).await;
+}

@@ -851,3 +851,39 @@ async fn a_4_mib_record_replays_through_the_layer() {
     assert!(replay == first);
     assert_eq!(counter.get(), 1);
 }
+
+/// A `begin` whose answer never arrives (the server froze after receiving
+/// the SET) must not strand the lock it may have taken: the store releases
+/// it under the attempt's own token, so a retry soon acquires the key
+/// instead of waiting out the 30 s lease.
+#[tokio::test]
+async fn an_unanswered_begin_does_not_strand_its_lock() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let store = RedisStore::from_url(&server.url())
+        .await
+        .unwrap()
+        .with_prefix(unique_prefix())
+        .with_timeout(Duration::from_millis(300));
+    let key = random_key();
+    server.signal("-STOP");
+    let err = store.begin(&key, &fp(1), LEASE).await.unwrap_err();
+    assert!(matches!(err, StoreError::Timeout(_)), "{err:?}");
+    // The SET runs now, under a token nobody holds.
+    server.signal("-CONT");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match store.begin(&key, &fp(1), LEASE).await.unwrap() {
+            Begin::Acquired(_) => break,
+            Begin::InFlight { .. } => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the unanswered begin's lock was never released"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -279,6 +279,62 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
+/// Guards a `begin` whose command may reach the backend even though the
+/// caller never learns the answer (a timeout, a dropped connection, a
+/// cancelled future). Unless [`settled`](Self::settled), dropping it
+/// releases the lock under the attempt's own token in the background: the
+/// release is fenced, so it can only free a lock this very attempt took.
+/// Without it such a lock would refuse every retry until its lease ran out.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) struct Unsettled<S: Store + Clone> {
+    store: Option<S>,
+    key: StoreKey,
+    token: LockToken,
+}
+
+#[cfg(any(feature = "redis", feature = "postgres"))]
+impl<S: Store + Clone> Unsettled<S> {
+    pub(crate) fn new(store: &S, key: &StoreKey, token: LockToken) -> Self {
+        Self {
+            store: Some(store.clone()),
+            key: *key,
+            token,
+        }
+    }
+
+    /// The answer arrived: nothing to clean up.
+    pub(crate) fn settled(mut self) {
+        self.store = None;
+    }
+}
+
+#[cfg(any(feature = "redis", feature = "postgres"))]
+impl<S: Store + Clone> Drop for Unsettled<S> {
+    fn drop(&mut self) {
+        let Some(store) = self.store.take() else {
+            return;
+        };
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (key, token) = (self.key, self.token);
+        handle.spawn(async move {
+            for attempt in 0..6u32 {
+                match store.release(&key, &token).await {
+                    Ok(released) => {
+                        if released {
+                            tracing::info!(key = %key, "released a lock whose begin went unanswered");
+                        }
+                        return;
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100 << attempt)).await,
+                }
+            }
+            tracing::warn!(key = %key, "could not release a lock whose begin went unanswered; it expires with its lease");
+        });
+    }
+}
+
 #[async_trait]
 impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     async fn begin(

@@ -96,7 +96,7 @@ use tokio::time::Instant;
 
 pub use sqlx::PgPool;
 
-use super::{Begin, LockToken, Store, StoreError, StoreKey};
+use super::{Begin, LockToken, Store, StoreError, StoreKey, Unsettled};
 use crate::fingerprint::Fingerprint;
 use crate::record::Record;
 
@@ -580,11 +580,15 @@ impl Store for PostgresStore {
         let lease = interval_secs(lease);
         // One bound for every attempt together.
         let deadline = Instant::now() + self.timeout;
+        // A statement cut off by the timeout or a lost connection may still
+        // commit the lock under `token`: release it in the background.
+        let unsettled = Unsettled::new(self, key, token);
         for attempt in 1..=BEGIN_ATTEMPTS {
             if let Some(outcome) = self
                 .try_begin(key, fingerprint, &token, lease, deadline)
                 .await?
             {
+                unsettled.settled();
                 return Ok(outcome);
             }
             tracing::debug!(

@@ -99,7 +99,7 @@ use bytes::{BufMut, Bytes};
 pub use ::redis as driver;
 pub use ::redis::aio::ConnectionManager;
 
-use super::{Begin, LockToken, Store, StoreError, StoreKey};
+use super::{Begin, LockToken, Store, StoreError, StoreKey, Unsettled};
 use crate::fingerprint::Fingerprint;
 use crate::record::Record;
 
@@ -451,6 +451,9 @@ impl Store for RedisStore {
             .arg("PX")
             .arg(millis(lease))
             .arg("GET");
+        // If the SET is sent but its answer never arrives, the lock may have
+        // been taken under `token`: release it in the background.
+        let unsettled = Unsettled::new(self, key, token);
         let reply = self
             .bounded(async {
                 let mut conn = self.conn.clone();
@@ -459,6 +462,7 @@ impl Store for RedisStore {
                     .map_err(map_set_err)
             })
             .await?;
+        unsettled.settled();
         match reply {
             Value::Nil => Ok(Begin::Acquired(token)),
             Value::BulkString(bytes) => decode_value(Bytes::from(bytes)),
