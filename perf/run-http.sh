@@ -133,6 +133,8 @@ measure() {
     }')")
 }
 
+load_before="$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')"
+
 # The reference row comes first: every ratio is to it.
 start_server bare bare
 measure bare unique
@@ -169,9 +171,12 @@ else
   done
 fi
 
+load_after="$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')"
+
 echo
 echo "$CONNECTIONS connections, ${DURATION} s after ${WARMUP} s warm-up, ${BODY_BYTES}-byte JSON body," \
-  "$(nproc) cores shared by server and load generator (loadgen threads: $LOADGEN_THREADS)"
+  "$(nproc) cores shared by server and load generator (loadgen threads: $LOADGEN_THREADS);" \
+  "load average (1, 5, 15 min) $load_before before, $load_after after"
 echo
 echo "| server | keys | req/s | p50 ms | p99 ms | req/s ÷ bare | p99 ÷ bare | statuses |"
 echo "|---|---|---:|---:|---:|---:|---:|---|"
