@@ -7,8 +7,8 @@
 //! valgrind --tool=callgrind target/release/deps/hotpath-<hash> first 20000
 //! ```
 //!
-//! Scenarios: `bare` (no layer), `get` (passthrough), `first` (a fresh key
-//! each time), `replay`.
+//! Scenarios: `bare` (no layer), `noop` (a layer that does nothing, GET),
+//! `get` (passthrough), `first` (a fresh key each time), `replay`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -47,6 +47,9 @@ async fn scenario(name: &str, n: u64) -> f64 {
     let routes = Router::new().route("/orders", post(handler).get(handler));
     let app = if name == "bare" {
         routes
+    } else if name == "noop" {
+        // Any middleware at all: a layer that changes nothing.
+        routes.layer(tower::util::MapRequestLayer::new(|r: Request<Body>| r))
     } else {
         routes.layer(IdempotencyLayer::new(
             MemoryStore::new()

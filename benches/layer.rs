@@ -88,5 +88,28 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// The fingerprint against raw SHA-256 over the same buffer.
+fn fingerprint(c: &mut Criterion) {
+    use criterion::Throughput;
+    use sha2::{Digest, Sha256};
+    use tower_idempotency::FingerprintConfig;
+
+    let config = FingerprintConfig::default();
+    let uri: axum::http::Uri = "/orders?page=1".parse().unwrap();
+    let headers = axum::http::HeaderMap::new();
+    let mut g = c.benchmark_group("fingerprint");
+    for size in [1024usize, 64 * 1024, 1024 * 1024] {
+        let buf = vec![0x5au8; size];
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_function(format!("raw_sha256/{size}"), |b| {
+            b.iter(|| Sha256::digest(std::hint::black_box(&buf)))
+        });
+        g.bench_function(format!("fingerprint/{size}"), |b| {
+            b.iter(|| config.fingerprint(&Method::POST, &uri, &headers, std::hint::black_box(&buf)))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, fingerprint);
 criterion_main!(benches);
