@@ -113,7 +113,6 @@ struct Shard {
 struct Entry {
     generation: u64,
     expires_at: Instant,
-    fingerprint: Fingerprint,
     size: usize,
     state: State,
 }
@@ -121,6 +120,8 @@ struct Entry {
 enum State {
     InFlight {
         token: LockToken,
+        // Only a lock needs its own copy: a record carries the fingerprint.
+        fingerprint: Fingerprint,
         waiters: Option<Arc<Notify>>,
     },
     Completed(Record),
@@ -331,8 +332,8 @@ impl Store for MemoryStore {
         shard.sweep(now, SWEEP_PER_OP);
         if let Some(e) = shard.live(key, now) {
             return Ok(match &e.state {
-                State::InFlight { .. } => Begin::InFlight {
-                    fingerprint: e.fingerprint,
+                State::InFlight { fingerprint, .. } => Begin::InFlight {
+                    fingerprint: *fingerprint,
                 },
                 State::Completed(record) => Begin::Completed(record.clone()),
             });
@@ -348,10 +349,10 @@ impl Store for MemoryStore {
             Entry {
                 generation,
                 expires_at: now + lease,
-                fingerprint: *fingerprint,
                 size: ENTRY_OVERHEAD,
                 state: State::InFlight {
                     token,
+                    fingerprint: *fingerprint,
                     waiters: None,
                 },
             },
