@@ -149,7 +149,8 @@ async fn postgres_keeps_neither_key_nor_scope() {
     .unwrap();
     assert_eq!(rows.len(), 2);
     // Binary columns render as hex there: scan the raw bytes too.
-    let raw: Vec<(Vec<u8>, Vec<u8>, Option<Vec<u8>>)> = sqlx::query_as(&format!(
+    type Row = (Vec<u8>, Vec<u8>, Option<Vec<u8>>);
+    let raw: Vec<Row> = sqlx::query_as(&format!(
         "SELECT key, fingerprint, record FROM {}",
         store.qualified_table()
     ))
