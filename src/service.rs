@@ -461,8 +461,32 @@ impl Ctx {
             Ok(false) => {
                 tracing::warn!(key = %key, "release found the lock taken over");
             }
-            Err(e) => log_store_error("release", key, &e),
+            Err(e) => {
+                log_store_error("release", key, &e);
+                // A lock left behind refuses every retry until its lease
+                // ends: keep trying in the background, as for `complete`.
+                let (this, key, token) = (self.clone(), *key, *token);
+                tokio::spawn(async move {
+                    for attempt in 0..this.config.complete_retries {
+                        tokio::time::sleep(this.backoff(attempt)).await;
+                        match this
+                            .bounded("release", this.store.as_ref().release(&key, &token))
+                            .await
+                        {
+                            Ok(_) => return,
+                            Err(e) => log_store_error("release retry", &key, &e),
+                        }
+                    }
+                });
+            }
         }
+    }
+
+    /// The wait before background retry `attempt`: exponential from 50 ms,
+    /// and well inside the lease, which still holds the key while the store
+    /// recovers.
+    fn backoff(&self, attempt: u32) -> Duration {
+        Duration::from_millis(50 << attempt.min(10)).min(self.config.lease / 4)
     }
 
     /// Writes the record; on a store failure, answers the client anyway and
@@ -496,10 +520,7 @@ impl Ctx {
         let this = self.clone();
         tokio::spawn(async move {
             for attempt in 0..retries {
-                // Exponential, and well inside the lease, which still holds the
-                // key while the store recovers.
-                let backoff = Duration::from_millis(50 << attempt.min(10));
-                tokio::time::sleep(backoff.min(this.config.lease / 4)).await;
+                tokio::time::sleep(this.backoff(attempt)).await;
                 match this
                     .bounded(
                         "complete",

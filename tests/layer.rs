@@ -1056,3 +1056,29 @@ async fn transactional_store_hooks() {
     let (status, _, _) = call_post(&app, Some("k2"), "{}").await;
     assert_eq!(status, StatusCode::CREATED);
 }
+
+#[tokio::test]
+async fn failed_release_is_retried_so_the_key_frees() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    store.inject(Op::Release, Fault::Fail, 1);
+    let (app, counter) = app_with(IdempotencyLayer::from_arc(store.clone()));
+    let fail = || {
+        post_req(Some("k"))
+            .header("x-status", "500")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    assert_eq!(
+        send(&app, fail()).await.0,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    // The release failed; the background retry frees the key well before
+    // the 30 s lease would.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.calls(Op::Release), 2);
+    assert_eq!(
+        call_post(&app, Some("k"), "{}").await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(counter.get(), 2);
+}
