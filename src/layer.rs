@@ -332,7 +332,7 @@ impl IdempotencyLayer {
         self.config(|c| c.retry_after = after)
     }
 
-    /// How many more times a failed `complete` is retried in the background
+    /// How many more times a failed `complete` (or `release`) is retried in the background
     /// after the response was sent (default 8), with exponential backoff from
     /// 50 ms, each wait at most a quarter of the lease: about 13 s in all
     /// with the defaults, so a store outage shorter than that loses no
