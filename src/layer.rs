@@ -348,8 +348,11 @@ impl<S> Layer<S> for IdempotencyLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Idempotency {
             inner,
-            store: self.store.clone(),
-            config: self.config.clone(),
+            // One reference count per request, not two.
+            shared: Arc::new(crate::service::Shared {
+                store: self.store.clone(),
+                config: (*self.config).clone(),
+            }),
         }
     }
 }

@@ -62,7 +62,9 @@ pub struct Record {
     created_at_ms: u64,
     status: StatusCode,
     headers: Arc<[(HeaderName, HeaderValue)]>,
-    trailers: Arc<[(HeaderName, HeaderValue)]>,
+    /// `None` when there are none (most records): no shared empty list whose
+    /// reference count every thread would write to.
+    trailers: Option<Arc<[(HeaderName, HeaderValue)]>>,
     body: Bytes,
 }
 
@@ -73,7 +75,7 @@ impl fmt::Debug for Record {
             .field("fingerprint", &self.fingerprint)
             .field("status", &self.status)
             .field("headers", &self.headers.len())
-            .field("trailers", &self.trailers.len())
+            .field("trailers", &self.trailers().len())
             .field("body_len", &self.body.len())
             .finish()
     }
@@ -108,7 +110,7 @@ impl Record {
             created_at_ms: now_ms(),
             status,
             headers: headers.into(),
-            trailers: no_fields(),
+            trailers: None,
             body,
         }
     }
@@ -127,7 +129,7 @@ impl Record {
             created_at_ms: now_ms(),
             status,
             headers: headers.into(),
-            trailers: no_fields(),
+            trailers: None,
             body: Bytes::new(),
         }
     }
@@ -136,9 +138,9 @@ impl Record {
     #[must_use]
     pub fn with_trailers(mut self, trailers: Vec<(HeaderName, HeaderValue)>) -> Self {
         self.trailers = if trailers.is_empty() {
-            no_fields()
+            None
         } else {
-            trailers.into()
+            Some(trailers.into())
         };
         self
     }
@@ -171,7 +173,7 @@ impl Record {
 
     /// The recorded trailers, if any.
     pub fn trailers(&self) -> &[(HeaderName, HeaderValue)] {
-        &self.trailers
+        self.trailers.as_deref().unwrap_or(&[])
     }
 
     /// The recorded body.
@@ -189,41 +191,93 @@ impl Record {
         };
         std::mem::size_of::<Self>()
             + fields(&self.headers)
-            + fields(&self.trailers)
+            + fields(self.trailers())
             + self.body.len()
     }
 
     /// Encodes the record in the versioned binary format described in the
     /// [module docs](self).
     pub fn encode(&self) -> Bytes {
-        let fields_len = |list: &[(HeaderName, HeaderValue)]| {
+        let len = 2 + 1 + 1 + 32 + 8 + 2 + self.fields_len() + 4 + self.body.len() + CHECKSUM_LEN;
+        let mut out = BytesMut::with_capacity(len);
+        out.put_slice(MAGIC);
+        out.put_u8(VERSION);
+        out.put_u8(self.kind_byte());
+        out.put_slice(self.fingerprint.as_bytes());
+        out.put_u64(self.created_at_ms);
+        out.put_u16(self.status.as_u16());
+        self.put_fields(&mut out);
+        out.put_u32(len_u32(self.body.len()));
+        out.put_slice(&self.body);
+        let sum = checksum(&out);
+        out.put_slice(&sum);
+        out.freeze()
+    }
+
+    /// The in-process form, for stores that keep records in memory: one
+    /// buffer (kind, fingerprint, time, status, fields as in [`encode`](Self::encode),
+    /// then the body to the end), with neither magic, version nor checksum,
+    /// as it never leaves the process. Far smaller than the record's own
+    /// header lists, and [`from_compact`](Self::from_compact) shares the
+    /// buffer instead of copying it.
+    pub(crate) fn to_compact(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(1 + 32 + 8 + 2 + self.fields_len() + self.body.len());
+        out.put_u8(self.kind_byte());
+        out.put_slice(self.fingerprint.as_bytes());
+        out.put_u64(self.created_at_ms);
+        out.put_u16(self.status.as_u16());
+        self.put_fields(&mut out);
+        out.put_slice(&self.body);
+        out.freeze()
+    }
+
+    /// Reads a record written by [`to_compact`](Self::to_compact). The
+    /// fields are still checked: a bug elsewhere must not become a response
+    /// with an invalid header.
+    pub(crate) fn from_compact(bytes: Bytes) -> Result<Self, DecodeError> {
+        let mut r = Reader { buf: bytes };
+        let kind = kind_from(r.u8()?)?;
+        let fingerprint = r.fingerprint()?;
+        let created_at_ms = r.u64()?;
+        let status =
+            StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError::new("invalid status"))?;
+        let headers = r.fields()?;
+        let trailers = r.fields()?;
+        Ok(Self {
+            kind,
+            fingerprint,
+            created_at_ms,
+            status,
+            headers: headers.into(),
+            trailers: if trailers.is_empty() {
+                None
+            } else {
+                Some(trailers.into())
+            },
+            body: r.buf,
+        })
+    }
+
+    fn kind_byte(&self) -> u8 {
+        match self.kind {
+            RecordKind::Response => 0,
+            RecordKind::Tombstone => 1,
+        }
+    }
+
+    /// The encoded length of the header and trailer lists.
+    fn fields_len(&self) -> usize {
+        let list_len = |list: &[(HeaderName, HeaderValue)]| {
             4 + list
                 .iter()
                 .map(|(n, v)| 6 + n.as_str().len() + v.len())
                 .sum::<usize>()
         };
-        let len = 2
-            + 1
-            + 1
-            + 32
-            + 8
-            + 2
-            + fields_len(&self.headers)
-            + fields_len(&self.trailers)
-            + 4
-            + self.body.len()
-            + CHECKSUM_LEN;
-        let mut out = BytesMut::with_capacity(len);
-        out.put_slice(MAGIC);
-        out.put_u8(VERSION);
-        out.put_u8(match self.kind {
-            RecordKind::Response => 0,
-            RecordKind::Tombstone => 1,
-        });
-        out.put_slice(self.fingerprint.as_bytes());
-        out.put_u64(self.created_at_ms);
-        out.put_u16(self.status.as_u16());
-        for list in [&*self.headers, &*self.trailers] {
+        list_len(&self.headers) + list_len(self.trailers())
+    }
+
+    fn put_fields(&self, out: &mut BytesMut) {
+        for list in [&*self.headers, self.trailers()] {
             out.put_u32(len_u32(list.len()));
             for (name, value) in list.iter() {
                 let name = name.as_str().as_bytes();
@@ -234,11 +288,6 @@ impl Record {
                 out.put_slice(value.as_bytes());
             }
         }
-        out.put_u32(len_u32(self.body.len()));
-        out.put_slice(&self.body);
-        let sum = checksum(&out);
-        out.put_slice(&sum);
-        out.freeze()
     }
 
     /// Decodes a record written by [`Record::encode`] from a byte slice.
@@ -264,14 +313,8 @@ impl Record {
         if version != VERSION {
             return Err(DecodeError::new("unsupported version"));
         }
-        let kind = match r.u8()? {
-            0 => RecordKind::Response,
-            1 => RecordKind::Tombstone,
-            _ => return Err(DecodeError::new("unknown record kind")),
-        };
-        let fp = r.take(32)?;
-        let mut fingerprint = [0u8; 32];
-        fingerprint.copy_from_slice(&fp);
+        let kind = kind_from(r.u8()?)?;
+        let fingerprint = r.fingerprint()?;
         let created_at_ms = r.u64()?;
         let status =
             StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError::new("invalid status"))?;
@@ -284,25 +327,18 @@ impl Record {
         }
         Ok(Self {
             kind,
-            fingerprint: Fingerprint::from_bytes(fingerprint),
+            fingerprint,
             created_at_ms,
             status,
             headers: headers.into(),
             trailers: if trailers.is_empty() {
-                no_fields()
+                None
             } else {
-                trailers.into()
+                Some(trailers.into())
             },
             body,
         })
     }
-}
-
-/// The shared empty field list: no allocation for records without trailers.
-fn no_fields() -> Arc<[(HeaderName, HeaderValue)]> {
-    static EMPTY: std::sync::OnceLock<Arc<[(HeaderName, HeaderValue)]>> =
-        std::sync::OnceLock::new();
-    EMPTY.get_or_init(|| Arc::from(Vec::new())).clone()
 }
 
 const CHECKSUM_LEN: usize = 8;
@@ -324,6 +360,14 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+fn kind_from(byte: u8) -> Result<RecordKind, DecodeError> {
+    match byte {
+        0 => Ok(RecordKind::Response),
+        1 => Ok(RecordKind::Tombstone),
+        _ => Err(DecodeError::new("unknown record kind")),
+    }
 }
 
 struct Reader {
@@ -357,6 +401,12 @@ impl Reader {
     fn u64(&mut self) -> Result<u64, DecodeError> {
         self.need(8)?;
         Ok(self.buf.get_u64())
+    }
+    fn fingerprint(&mut self) -> Result<Fingerprint, DecodeError> {
+        self.need(32)?;
+        let mut fingerprint = [0u8; 32];
+        self.buf.copy_to_slice(&mut fingerprint);
+        Ok(Fingerprint::from_bytes(fingerprint))
     }
     fn fields(&mut self) -> Result<Vec<(HeaderName, HeaderValue)>, DecodeError> {
         let count = self.u32()? as usize;

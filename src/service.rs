@@ -30,16 +30,20 @@ use crate::store::{Begin, LockToken, Store, StoreError, StoreKey};
 /// a response, so the service drops into axum's `Router::layer` as it is.
 pub struct Idempotency<S> {
     pub(crate) inner: S,
+    pub(crate) shared: Arc<Shared>,
+}
+
+/// What every request of one service shares: the store and the settings.
+pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
-    pub(crate) config: Arc<Config>,
+    pub(crate) config: Config,
 }
 
 impl<S: Clone> Clone for Idempotency<S> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            store: self.store.clone(),
-            config: self.config.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -97,7 +101,7 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let config = &self.config;
+        let config = &self.shared.config;
         if !config.covers(req.method()) {
             return ResponseFuture::passthrough(self.inner.call(req));
         }
@@ -137,10 +141,7 @@ where
         // (tower-service docs, "Be careful when cloning inner services").
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let ctx = Ctx {
-            store: self.store.clone(),
-            config: self.config.clone(),
-        };
+        let ctx = Ctx(self.shared.clone());
         // The whole covered path is detached from the connection: once the
         // lock is taken it must be completed or released, whoever waits.
         ResponseFuture::covered(Detached::new(Box::pin(ctx.run(inner, req, key))))
@@ -149,9 +150,14 @@ where
 
 /// What one covered request needs from the service.
 #[derive(Clone)]
-struct Ctx {
-    store: Arc<dyn Store>,
-    config: Arc<Config>,
+struct Ctx(Arc<Shared>);
+
+impl std::ops::Deref for Ctx {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 #[allow(clippy::large_enum_variant)] // built once per request, boxing would cost an allocation
@@ -254,9 +260,16 @@ impl Ctx {
         // Read the clock only for someone who will see the figure.
         let timed = cfg!(feature = "metrics") || !tracing::Span::current().is_disabled();
         let started = timed.then(Instant::now);
-        let out = tokio::time::timeout(limit, call)
-            .await
-            .unwrap_or(Err(StoreError::Timeout(limit)));
+        // A store that answers at once (the memory store, always) needs no
+        // timer: arming one costs more than the call.
+        let mut call = std::pin::pin!(call);
+        let first = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
+        let out = match first {
+            Poll::Ready(out) => out,
+            Poll::Pending => tokio::time::timeout(limit, call)
+                .await
+                .unwrap_or(Err(StoreError::Timeout(limit))),
+        };
         if let Some(started) = started {
             store_latency(op, started.elapsed());
         }

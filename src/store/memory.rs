@@ -1,14 +1,25 @@
 //! [`MemoryStore`]: the default store, sharded, bounded and self-expiring.
+//!
+//! # Layout
+//!
+//! Each shard keeps its entries in a slab (`Vec<Slot>`, reused through a
+//! free list) and indexes them with a hash table of 4-byte slot numbers
+//! that hashes and compares through the slab, so the 32-byte key is held
+//! once. A completed record is one buffer in [`Record`]'s compact form
+//! (fields and body together) rather than a list of parsed header values.
+//! Insertion order, for expiry and eviction, is a queue of 8-byte
+//! (slot, generation) tags. Together that is well under 256 bytes per record
+//! above its body (see `benches/memory.rs`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
+use hashbrown::HashTable;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -16,9 +27,9 @@ use super::{Begin, LockToken, Store, StoreError, StoreKey};
 use crate::fingerprint::Fingerprint;
 use crate::record::Record;
 
-/// Bookkeeping bytes charged per entry on top of its record.
-const ENTRY_OVERHEAD: usize = 160;
-/// Expired entries swept from the front of a shard's queue per operation.
+/// Bookkeeping bytes charged per entry on top of its record's buffer.
+const ENTRY_OVERHEAD: usize = 128;
+/// Expired entries swept from the front of a shard's queue per insertion.
 const SWEEP_PER_OP: usize = 8;
 
 /// An in-process store: the default, and the store for unit-testing
@@ -59,9 +70,8 @@ struct Inner {
     mask: usize,
     max_entries: usize,
     max_bytes: usize,
-    /// The next shard swept on behalf of every shard (round robin), so
-    /// expired entries leave shards that see no traffic of their own.
-    cursor: AtomicUsize,
+    /// Entry deadlines are microseconds since this instant.
+    epoch: Instant,
 }
 
 impl fmt::Debug for MemoryStore {
@@ -81,61 +91,51 @@ impl Default for MemoryStore {
     }
 }
 
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-type Map = HashMap<StoreKey, Entry, BuildHasherDefault<KeyHasher>>;
+/// Microseconds since the store's epoch.
+type Ticks = u64;
 
 #[derive(Default)]
 struct Shard {
-    map: Map,
-    /// Entries in creation order, tagged with their generation; a tag whose
-    /// entry is gone or newer is stale and skipped.
-    order: VecDeque<(StoreKey, u64)>,
+    /// Slot numbers, hashed and compared through `slots`.
+    table: HashTable<u32>,
+    slots: Vec<Slot>,
+    /// Vacant slots, reused before the slab grows.
+    free: Vec<u32>,
+    /// Entries in creation order as (slot, generation) tags; a tag whose
+    /// slot has moved on to a later generation is stale and skipped.
+    order: VecDeque<(u32, u32)>,
     bytes: usize,
-    next_gen: u64,
 }
 
-struct Entry {
-    generation: u64,
-    expires_at: Instant,
-    size: usize,
+struct Slot {
+    key: StoreKey,
+    expires_at: Ticks,
+    /// Bumped whenever the slot is vacated, so old tags go stale.
+    generation: u32,
+    /// Bytes charged for this entry.
+    size: u32,
     state: State,
 }
 
 enum State {
-    InFlight {
-        token: LockToken,
-        // Only a lock needs its own copy: a record carries the fingerprint.
-        fingerprint: Fingerprint,
-        waiters: Option<Arc<Notify>>,
-    },
-    Completed(Record),
+    Vacant,
+    InFlight(Box<Lock>),
+    /// The record in [`Record::to_compact`] form.
+    Completed(Bytes),
 }
 
-impl Entry {
-    fn wake(&mut self) {
-        if let State::InFlight {
-            waiters: Some(n), ..
-        } = &self.state
-        {
-            n.notify_waiters();
-        }
-    }
+struct Lock {
+    token: LockToken,
+    // Only a lock needs its own copy: a record carries the fingerprint.
+    fingerprint: Fingerprint,
+    waiters: Option<Arc<Notify>>,
+}
+
+fn hash(key: &StoreKey) -> u64 {
+    // Store keys are SHA-256 digests: any eight bytes are a hash already.
+    // Bytes 0 and 1 choose the shard; these are independent of them.
+    let b = key.as_bytes();
+    u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]])
 }
 
 impl MemoryStore {
@@ -159,7 +159,7 @@ impl MemoryStore {
                 mask: shards - 1,
                 max_entries,
                 max_bytes: max_bytes.max(1),
-                cursor: AtomicUsize::new(0),
+                epoch: Instant::now(),
             }),
         }
     }
@@ -179,7 +179,7 @@ impl MemoryStore {
 
     /// How many entries (live or expired but not yet swept) the store holds.
     pub fn len(&self) -> usize {
-        self.inner.shards.iter().map(|s| lock(s).map.len()).sum()
+        self.inner.shards.iter().map(|s| lock(s).table.len()).sum()
     }
 
     /// Whether the store holds no entry.
@@ -194,18 +194,22 @@ impl MemoryStore {
 
     /// How many live (unexpired) in-flight locks the store holds.
     pub fn live_locks(&self) -> usize {
-        let now = Instant::now();
+        let now = self.now();
         self.inner
             .shards
             .iter()
             .map(|s| {
                 lock(s)
-                    .map
-                    .values()
-                    .filter(|e| e.expires_at > now && matches!(e.state, State::InFlight { .. }))
+                    .slots
+                    .iter()
+                    .filter(|e| e.expires_at > now && matches!(e.state, State::InFlight(_)))
                     .count()
             })
             .sum()
+    }
+
+    fn now(&self) -> Ticks {
+        ticks(Instant::now().saturating_duration_since(self.inner.epoch))
     }
 
     fn shard(&self, key: &StoreKey) -> MutexGuard<'_, Shard> {
@@ -214,10 +218,12 @@ impl MemoryStore {
         lock(&self.inner.shards[idx & self.inner.mask])
     }
 
-    /// Sweeps a few expired entries from the next shard in turn, unless
-    /// another caller holds it.
-    fn sweep_next(&self, now: Instant) {
-        let idx = self.inner.cursor.fetch_add(1, Ordering::Relaxed) & self.inner.mask;
+    /// Sweeps a few expired entries from another shard, chosen by the key
+    /// (uniformly, as keys are digests), unless another caller holds it: so
+    /// expired entries leave shards that see no insertions of their own,
+    /// without a shared counter that every thread would write to.
+    fn sweep_other(&self, key: &StoreKey, now: Ticks) {
+        let idx = usize::from(key.as_bytes()[2]) & self.inner.mask;
         let mut shard = match self.inner.shards[idx].try_lock() {
             Ok(shard) => shard,
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
@@ -235,48 +241,115 @@ impl MemoryStore {
     }
 }
 
+fn ticks(d: Duration) -> Ticks {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 fn lock(m: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
     // A panic while holding a shard lock cannot leave a half-written entry
-    // (every mutation is a single map operation), so poisoning is ignored.
+    // (every mutation completes before anything that could panic), so
+    // poisoning is ignored.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+fn size_u32(size: usize) -> u32 {
+    u32::try_from(size).unwrap_or(u32::MAX)
+}
+
 impl Shard {
-    fn live<'a>(&'a mut self, key: &StoreKey, now: Instant) -> Option<&'a mut Entry> {
-        self.map.get_mut(key).filter(|e| e.expires_at > now)
+    fn find(&self, key: &StoreKey) -> Option<usize> {
+        let slots = &self.slots;
+        self.table
+            .find(hash(key), |&i| slots[i as usize].key == *key)
+            .map(|&i| i as usize)
     }
 
-    fn remove(&mut self, key: &StoreKey) {
-        if let Some(mut e) = self.map.remove(key) {
-            self.bytes -= e.size;
-            e.wake();
+    /// The entry for `key` unless it has expired.
+    fn live(&mut self, key: &StoreKey, now: Ticks) -> Option<&mut Slot> {
+        let idx = self.find(key)?;
+        Some(&mut self.slots[idx]).filter(|e| e.expires_at > now)
+    }
+
+    /// Whether `tag` still names the entry it was made for.
+    fn is_current(&self, (idx, generation): (u32, u32)) -> bool {
+        self.slots
+            .get(idx as usize)
+            .is_some_and(|e| e.generation == generation && !matches!(e.state, State::Vacant))
+    }
+
+    fn insert(&mut self, key: StoreKey, expires_at: Ticks, state: State) {
+        let slot = Slot {
+            key,
+            expires_at,
+            generation: 0,
+            size: size_u32(ENTRY_OVERHEAD),
+            state,
+        };
+        let idx = match self.free.pop() {
+            Some(idx) => {
+                let generation = self.slots[idx as usize].generation;
+                self.slots[idx as usize] = Slot { generation, ..slot };
+                idx
+            }
+            None => {
+                if self.slots.len() == self.slots.capacity() {
+                    // Grow by a quarter, not double: the slab is most of a
+                    // shard's memory.
+                    self.slots.reserve_exact(self.slots.len() / 4 + 16);
+                }
+                self.slots.push(slot);
+                // A shard holds far fewer than 2^32 entries: `max_entries`
+                // is split across shards and a slab slot is 80 bytes.
+                u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        let Self { table, slots, .. } = self;
+        table.insert_unique(hash(&key), idx, |&i| hash(&slots[i as usize].key));
+        self.bytes += ENTRY_OVERHEAD;
+        let generation = self.slots[idx as usize].generation;
+        self.order.push_back((idx, generation));
+    }
+
+    fn remove_at(&mut self, idx: usize) {
+        let Self { table, slots, .. } = self;
+        let key = slots[idx].key;
+        if let Ok(entry) = table.find_entry(hash(&key), |&i| i as usize == idx) {
+            entry.remove();
         }
+        let slot = &mut slots[idx];
+        if let State::InFlight(lock) = std::mem::replace(&mut slot.state, State::Vacant)
+            && let Some(waiters) = &lock.waiters
+        {
+            waiters.notify_waiters();
+        }
+        slot.generation = slot.generation.wrapping_add(1);
+        self.bytes -= slot.size as usize;
+        slot.size = 0;
+        // `idx` came from the table, which only holds slab indices.
+        self.free.push(u32::try_from(idx).unwrap_or(u32::MAX));
     }
 
     /// Drops expired or stale tags from the front, at most `budget`.
-    fn sweep(&mut self, now: Instant, budget: usize) {
+    fn sweep(&mut self, now: Ticks, budget: usize) {
         for _ in 0..budget {
-            let Some(&(key, generation)) = self.order.front() else {
+            let Some(&tag) = self.order.front() else {
                 return;
             };
-            match self.map.get(&key) {
-                Some(e) if e.generation == generation => {
-                    if e.expires_at > now {
-                        return;
-                    }
-                    self.order.pop_front();
-                    self.remove(&key);
+            if self.is_current(tag) {
+                if self.slots[tag.0 as usize].expires_at > now {
+                    return;
                 }
-                _ => {
-                    self.order.pop_front();
-                }
+                self.order.pop_front();
+                self.remove_at(tag.0 as usize);
+            } else {
+                self.order.pop_front();
             }
         }
         // Stale tags pile up behind a long-lived front entry: compact.
-        if self.order.len() > 2 * self.map.len() + 64 {
-            let map = &self.map;
-            self.order
-                .retain(|(k, g)| map.get(k).is_some_and(|e| e.generation == *g));
+        if self.order.len() > 2 * self.table.len() + 64 {
+            let mut order = std::mem::take(&mut self.order);
+            order.retain(|&tag| self.is_current(tag));
+            self.order = order;
         }
     }
 
@@ -286,34 +359,42 @@ impl Shard {
     fn make_room(
         &mut self,
         size: usize,
-        now: Instant,
+        now: Ticks,
         (max_entries, max_bytes): (usize, usize),
-        protect: Option<&StoreKey>,
+        protect: Option<usize>,
     ) -> Result<(), StoreError> {
         let mut skipped = 0;
-        while self.map.len() + 1 > max_entries || self.bytes + size > max_bytes {
+        while self.table.len() + 1 > max_entries || self.bytes + size > max_bytes {
             if skipped >= self.order.len() {
                 return Err(StoreError::CapacityExceeded);
             }
-            let Some((key, generation)) = self.order.pop_front() else {
+            let Some(tag) = self.order.pop_front() else {
                 return Err(StoreError::CapacityExceeded);
             };
-            let Some(e) = self.map.get(&key) else {
-                continue;
-            };
-            if e.generation != generation {
+            if !self.is_current(tag) {
                 continue;
             }
-            let live_lock = e.expires_at > now && matches!(e.state, State::InFlight { .. });
-            if live_lock || protect == Some(&key) {
+            let idx = tag.0 as usize;
+            let e = &self.slots[idx];
+            let live_lock = e.expires_at > now && matches!(e.state, State::InFlight(_));
+            if live_lock || protect == Some(idx) {
                 // A live lock is never evicted: keep it, look further.
-                self.order.push_back((key, generation));
+                self.order.push_back(tag);
                 skipped += 1;
                 continue;
             }
-            self.remove(&key);
+            self.remove_at(idx);
         }
         Ok(())
+    }
+
+    /// The held lock on `key`, if `token` holds it and it is live.
+    fn held(&mut self, key: &StoreKey, token: &LockToken, now: Ticks) -> Option<usize> {
+        let idx = self.find(key)?;
+        let e = &self.slots[idx];
+        let held =
+            e.expires_at > now && matches!(&e.state, State::InFlight(l) if l.token == *token);
+        held.then_some(idx)
     }
 }
 
@@ -325,40 +406,40 @@ impl Store for MemoryStore {
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Begin, StoreError> {
-        let now = Instant::now();
+        let now = self.now();
         let limits = self.shard_limits();
-        self.sweep_next(now);
         let mut shard = self.shard(key);
-        shard.sweep(now, SWEEP_PER_OP);
-        if let Some(e) = shard.live(key, now) {
-            return Ok(match &e.state {
-                State::InFlight { fingerprint, .. } => Begin::InFlight {
-                    fingerprint: *fingerprint,
-                },
-                State::Completed(record) => Begin::Completed(record.clone()),
-            });
+        if let Some(idx) = shard.find(key) {
+            let e = &shard.slots[idx];
+            if e.expires_at > now {
+                return match &e.state {
+                    State::InFlight(lock) => Ok(Begin::InFlight {
+                        fingerprint: lock.fingerprint,
+                    }),
+                    State::Completed(buf) => {
+                        Ok(Begin::Completed(Record::from_compact(buf.clone())?))
+                    }
+                    State::Vacant => Err(StoreError::backend("a vacant slot was indexed")),
+                };
+            }
+            // Expired: a dead holder's lock, or an old record.
+            shard.remove_at(idx);
         }
-        // Absent, or expired (a dead holder's lock, or an old record).
-        shard.remove(key);
+        // Insertions grow the store, so they pay for sweeping it (the other
+        // shard is only tried: it may be this one).
+        self.sweep_other(key, now);
+        shard.sweep(now, SWEEP_PER_OP);
         shard.make_room(ENTRY_OVERHEAD, now, limits, None)?;
         let token = LockToken::new();
-        let generation = shard.next_gen;
-        shard.next_gen += 1;
-        shard.map.insert(
+        shard.insert(
             *key,
-            Entry {
-                generation,
-                expires_at: now + lease,
-                size: ENTRY_OVERHEAD,
-                state: State::InFlight {
-                    token,
-                    fingerprint: *fingerprint,
-                    waiters: None,
-                },
-            },
+            now.saturating_add(ticks(lease)),
+            State::InFlight(Box::new(Lock {
+                token,
+                fingerprint: *fingerprint,
+                waiters: None,
+            })),
         );
-        shard.bytes += ENTRY_OVERHEAD;
-        shard.order.push_back((*key, generation));
         Ok(Begin::Acquired(token))
     }
 
@@ -369,45 +450,42 @@ impl Store for MemoryStore {
         record: &Record,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
-        let now = Instant::now();
+        let now = self.now();
         let (_, max_bytes) = self.shard_limits();
+        // Encoded before the shard is locked.
+        let buf = record.to_compact();
+        let size = ENTRY_OVERHEAD + buf.len();
         let mut shard = self.shard(key);
-        let held = matches!(
-            shard.live(key, now).map(|e| &e.state),
-            Some(State::InFlight { token: t, .. }) if t == token
-        );
-        if !held {
-            return Ok(false);
-        }
-        let size = ENTRY_OVERHEAD + record.size_hint();
-        let Some(e) = shard.map.get_mut(key) else {
+        let Some(idx) = shard.held(key, token, now) else {
             return Ok(false);
         };
-        let old = e.size;
-        e.wake();
-        e.state = State::Completed(record.clone());
-        e.expires_at = now + ttl;
-        e.size = size;
-        shard.bytes = shard.bytes - old + size;
+        let e = &mut shard.slots[idx];
+        let old = e.size as usize;
+        if let State::InFlight(lock) = std::mem::replace(&mut e.state, State::Completed(buf))
+            && let Some(waiters) = &lock.waiters
+        {
+            waiters.notify_waiters();
+        }
+        e.expires_at = now.saturating_add(ticks(ttl));
+        e.size = size_u32(size);
+        let new = e.size as usize;
+        shard.bytes = shard.bytes - old + new;
         if shard.bytes > max_bytes {
             // Over the byte bound: evict older completed records, never
             // this one (a shard may exceed its share by one record).
-            let _ = shard.make_room(0, now, (usize::MAX, max_bytes), Some(key));
+            let _ = shard.make_room(0, now, (usize::MAX, max_bytes), Some(idx));
         }
         Ok(true)
     }
 
     async fn release(&self, key: &StoreKey, token: &LockToken) -> Result<bool, StoreError> {
-        let now = Instant::now();
+        let now = self.now();
         let mut shard = self.shard(key);
-        let held = matches!(
-            shard.live(key, now).map(|e| &e.state),
-            Some(State::InFlight { token: t, .. }) if t == token
-        );
-        if held {
-            shard.remove(key);
+        let held = shard.held(key, token, now);
+        if let Some(idx) = held {
+            shard.remove_at(idx);
         }
-        Ok(held)
+        Ok(held.is_some())
     }
 
     async fn extend(
@@ -416,35 +494,36 @@ impl Store for MemoryStore {
         token: &LockToken,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let now = Instant::now();
+        let now = self.now();
         let mut shard = self.shard(key);
-        match shard.live(key, now) {
-            Some(e) if matches!(&e.state, State::InFlight { token: t, .. } if t == token) => {
-                e.expires_at = now + lease;
-                Ok(true)
-            }
-            _ => Ok(false),
+        let held = shard.held(key, token, now);
+        if let Some(idx) = held {
+            shard.slots[idx].expires_at = now.saturating_add(ticks(lease));
         }
+        Ok(held.is_some())
     }
 
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
         let now = Instant::now();
         let (notified, until) = {
             let mut shard = self.shard(key);
-            let Some(e) = shard.live(key, now) else {
+            let Some(e) = shard.live(key, ticks(now.saturating_duration_since(self.inner.epoch)))
+            else {
                 return Ok(());
             };
-            let State::InFlight { waiters, .. } = &mut e.state else {
+            let State::InFlight(lock) = &mut e.state else {
                 return Ok(());
             };
-            let notify = waiters
+            let notify = lock
+                .waiters
                 .get_or_insert_with(|| Arc::new(Notify::new()))
                 .clone();
             let mut notified = Box::pin(notify.notified_owned());
             // Registered before the shard lock is released: a completion
             // that follows cannot be missed.
             Pin::as_mut(&mut notified).enable();
-            (notified, e.expires_at.min(now + timeout))
+            let expires = self.inner.epoch + Duration::from_micros(e.expires_at);
+            (notified, expires.min(now + timeout))
         };
         let _ = tokio::time::timeout_at(until, notified).await;
         Ok(())
@@ -513,6 +592,33 @@ mod tests {
         ));
     }
 
+    /// A slot freed and reused keeps the order of its new entry: the old
+    /// entry's tag must not make the newer record look oldest.
+    #[tokio::test(start_paused = true)]
+    async fn eviction_is_oldest_first_across_slot_reuse() {
+        let store = MemoryStore::new().with_max_entries(3);
+        // A live lock at the front keeps the queue from being swept.
+        acquire(&store, &key(1)).await;
+        let gone = acquire(&store, &key(2)).await;
+        let t = acquire(&store, &key(3)).await;
+        assert!(store.complete(&key(3), &t, &record(1), TTL).await.unwrap());
+        assert!(store.release(&key(2), &gone).await.unwrap());
+        // Takes key 2's slot, behind key 2's old place in the queue.
+        let t = acquire(&store, &key(4)).await;
+        assert!(store.complete(&key(4), &t, &record(2), TTL).await.unwrap());
+        // Full: the oldest record (key 3) makes way, not the newest.
+        acquire(&store, &key(5)).await;
+        assert!(matches!(
+            store.begin(&key(4), &FP, LEASE).await.unwrap(),
+            Begin::Completed(r) if r.body().len() == 2
+        ));
+        assert_eq!(store.len(), 3);
+        assert!(!matches!(
+            store.begin(&key(3), &FP, LEASE).await,
+            Ok(Begin::Completed(_))
+        ));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn byte_bound_holds() {
         let store = MemoryStore::new().with_max_bytes(64 * 1024);
@@ -571,5 +677,161 @@ mod tests {
         let start = Instant::now();
         store.wait(&k, Duration::from_secs(100)).await.unwrap();
         assert_eq!(start.elapsed(), LEASE);
+    }
+
+    /// The store against a plain model, over a long random sequence of
+    /// operations on a few keys with time moving: slot reuse, stale order
+    /// tags and expiry must never change an answer.
+    #[tokio::test(start_paused = true)]
+    async fn agrees_with_a_model_under_random_operations() {
+        model_run(1_000, 0x2545_f491_4f6c_dd1d).await;
+    }
+
+    /// The same with room for only 6 of the 12 keys: a completed record may
+    /// be evicted (the model then allows a fresh lock), a live lock never.
+    #[tokio::test(start_paused = true)]
+    async fn agrees_with_a_model_when_full() {
+        model_run(6, 0x9e37_79b9_7f4a_7c15).await;
+    }
+
+    async fn model_run(max_entries: usize, seed: u64) {
+        use std::collections::HashMap;
+
+        #[derive(Clone, Copy, PartialEq, Debug)]
+        enum M {
+            Held(LockToken, u8),
+            Done(u8),
+        }
+        let store = MemoryStore::new().with_max_entries(max_entries);
+        let evicts = max_entries < 12;
+        let mut model: HashMap<u32, (M, Instant)> = HashMap::new();
+        let mut tokens: Vec<(u32, LockToken)> = Vec::new();
+        let mut rng = seed;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let lease = Duration::from_millis(2_000);
+        let ttl = Duration::from_millis(5_000);
+        for step in 0..20_000 {
+            let k = next(12) as u32;
+            let now = Instant::now();
+            let live = model.get(&k).copied().filter(|(_, until)| *until > now);
+            match next(6) {
+                0 | 1 => {
+                    let fp_n = next(2) as u8 + 1;
+                    let got = store
+                        .begin(&key(k), &Fingerprint::from_bytes([fp_n; 32]), lease)
+                        .await;
+                    let got = match got {
+                        Ok(b) => Ok(b),
+                        Err(StoreError::CapacityExceeded) => Err(StoreError::CapacityExceeded),
+                        Err(e) => panic!("step {step}: {e}"),
+                    };
+                    let got = match got {
+                        Ok(b) => b,
+                        Err(e) => {
+                            assert!(evicts, "step {step}: {e}");
+                            let locks = model
+                                .values()
+                                .filter(|(m, until)| matches!(m, M::Held(..)) && *until > now)
+                                .count();
+                            assert!(
+                                locks >= max_entries,
+                                "step {step}: refused with {locks} locks"
+                            );
+                            continue;
+                        }
+                    };
+                    match (live, got) {
+                        (None, Begin::Acquired(t))
+                        | (Some((M::Done(_), _)), Begin::Acquired(t))
+                            if evicts || live.is_none() =>
+                        {
+                            model.insert(k, (M::Held(t, fp_n), now + lease));
+                            tokens.push((k, t));
+                        }
+                        (Some((M::Held(_, f), _)), Begin::InFlight { fingerprint }) => {
+                            assert_eq!(
+                                fingerprint,
+                                Fingerprint::from_bytes([f; 32]),
+                                "step {step}"
+                            );
+                        }
+                        (Some((M::Done(f), _)), Begin::Completed(r)) => {
+                            assert_eq!(
+                                *r.fingerprint(),
+                                Fingerprint::from_bytes([f; 32]),
+                                "step {step}"
+                            );
+                            assert_eq!(r.body().len(), usize::from(f) * 10, "step {step}");
+                        }
+                        (want, got) => panic!("step {step}: model {want:?}, store {got:?}"),
+                    }
+                }
+                op @ 2..=4 if !tokens.is_empty() => {
+                    // A token for this key: current or long stale.
+                    let mine: Vec<LockToken> = tokens
+                        .iter()
+                        .filter(|(tk, _)| *tk == k)
+                        .map(|(_, t)| *t)
+                        .collect();
+                    let Some(&t) = mine.get(next(mine.len().max(1) as u64) as usize) else {
+                        continue;
+                    };
+                    let holds = matches!(live, Some((M::Held(h, _), _)) if h == t);
+                    let got = match op {
+                        2 => {
+                            let Some((M::Held(_, f), _)) = live else {
+                                assert!(
+                                    !store.complete(&key(k), &t, &record(1), ttl).await.unwrap()
+                                );
+                                continue;
+                            };
+                            let rec = Record::response(
+                                Fingerprint::from_bytes([f; 32]),
+                                StatusCode::OK,
+                                vec![],
+                                Bytes::from(vec![b'x'; usize::from(f) * 10]),
+                            );
+                            let ok = store.complete(&key(k), &t, &rec, ttl).await.unwrap();
+                            if ok {
+                                model.insert(k, (M::Done(f), now + ttl));
+                            }
+                            ok
+                        }
+                        3 => {
+                            let ok = store.release(&key(k), &t).await.unwrap();
+                            if ok {
+                                model.remove(&k);
+                            }
+                            ok
+                        }
+                        _ => {
+                            let ok = store.extend(&key(k), &t, lease).await.unwrap();
+                            if ok && let Some((m, _)) = model.get(&k).copied() {
+                                model.insert(k, (m, now + lease));
+                            }
+                            ok
+                        }
+                    };
+                    assert_eq!(got, holds, "step {step}: op {op} on key {k}");
+                }
+                _ => tokio::time::advance(Duration::from_millis(next(700))).await,
+            }
+        }
+        let now = Instant::now();
+        let live = model.values().filter(|(_, until)| *until > now).count();
+        if evicts {
+            assert!(store.len() <= max_entries, "{} entries", store.len());
+        } else {
+            assert!(
+                store.len() >= live,
+                "{} entries, {live} live in the model",
+                store.len()
+            );
+        }
     }
 }
