@@ -1,5 +1,5 @@
-//! The layer's cost in process: bare router vs the layer, through `oneshot`,
-//! with a 1 KiB JSON body.
+//! The layer's cost in process, through `oneshot`, with a 1 KiB JSON body:
+//! under an axum router, and around a plain Tower `service_fn`.
 //!
 //! Run with `cargo bench --bench layer`.
 
@@ -54,12 +54,15 @@ fn bench(c: &mut Criterion) {
         .unwrap();
     let body = body_1k();
     let routes = || Router::new().route("/orders", post(handler).get(handler));
-    let bare = routes();
-    let layered = routes().layer(IdempotencyLayer::new(
-        MemoryStore::new()
-            .with_max_entries(2_000_000)
-            .with_max_bytes(4 << 30),
-    ));
+    // Built once with `with_state`, as `axum::serve` does, not per request.
+    let bare: Router = routes().with_state(());
+    let layered: Router = routes()
+        .layer(IdempotencyLayer::new(
+            MemoryStore::new()
+                .with_max_entries(2_000_000)
+                .with_max_bytes(4 << 30),
+        ))
+        .with_state(());
     let counter = AtomicU64::new(0);
     let fresh = || format!("key-{}", counter.fetch_add(1, Ordering::Relaxed));
 
@@ -88,6 +91,109 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
+/// The same without axum: a plain Tower stack around a `service_fn`, so the
+/// layer's own cost is all that differs from the bare service.
+fn tower_stack(c: &mut Criterion) {
+    use std::convert::Infallible;
+
+    use axum::http::Response;
+    use http_body_util::Full;
+    use tower::{Layer, service_fn};
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let body = body_1k();
+    let handler = service_fn(|req: Request<Full<Bytes>>| async move {
+        let status = if req.method() == Method::GET {
+            StatusCode::OK
+        } else {
+            StatusCode::CREATED
+        };
+        let body = req.into_body().collect().await?.to_bytes();
+        let mut res = Response::new(Full::new(body));
+        *res.status_mut() = status;
+        Ok::<_, Infallible>(res)
+    });
+    let layered = IdempotencyLayer::new(
+        MemoryStore::new()
+            .with_max_entries(2_000_000)
+            .with_max_bytes(4 << 30),
+    )
+    .layer(handler);
+    let req = |method: Method, key: Option<&str>| {
+        let mut b = Request::builder()
+            .method(method.clone())
+            .uri("/orders")
+            .header("content-type", "application/json");
+        if let Some(key) = key {
+            b = b.header("idempotency-key", key);
+        }
+        let body = if method == Method::GET {
+            Full::new(Bytes::new())
+        } else {
+            Full::new(body.clone())
+        };
+        b.body(body).unwrap()
+    };
+    let counter = AtomicU64::new(0);
+    let fresh = || format!("key-{}", counter.fetch_add(1, Ordering::Relaxed));
+
+    let mut g = c.benchmark_group("tower_stack_1k");
+    g.bench_function("bare_get", |b| {
+        b.to_async(&rt).iter(|| async {
+            let res = handler
+                .clone()
+                .oneshot(req(Method::GET, None))
+                .await
+                .unwrap();
+            std::hint::black_box(res.into_body().collect().await.unwrap().to_bytes());
+        })
+    });
+    g.bench_function("layer_get_passthrough", |b| {
+        b.to_async(&rt).iter(|| async {
+            let res = layered
+                .clone()
+                .oneshot(req(Method::GET, None))
+                .await
+                .unwrap();
+            std::hint::black_box(res.into_body().collect().await.unwrap().to_bytes());
+        })
+    });
+    g.bench_function("bare_post", |b| {
+        b.to_async(&rt).iter(|| async {
+            let res = handler
+                .clone()
+                .oneshot(req(Method::POST, Some(&fresh())))
+                .await
+                .unwrap();
+            std::hint::black_box(res.into_body().collect().await.unwrap().to_bytes());
+        })
+    });
+    g.bench_function("layer_first_post", |b| {
+        b.to_async(&rt).iter(|| async {
+            let res = layered
+                .clone()
+                .oneshot(req(Method::POST, Some(&fresh())))
+                .await
+                .unwrap();
+            std::hint::black_box(res.into_body().collect().await.unwrap().to_bytes());
+        })
+    });
+    g.bench_function("layer_replay", |b| {
+        b.to_async(&rt).iter(|| async {
+            let res = layered
+                .clone()
+                .oneshot(req(Method::POST, Some("replayed")))
+                .await
+                .unwrap();
+            std::hint::black_box(res.into_body().collect().await.unwrap().to_bytes());
+        })
+    });
+    g.finish();
+}
+
 /// The fingerprint against raw SHA-256 over the same buffer.
 fn fingerprint(c: &mut Criterion) {
     use criterion::Throughput;
@@ -111,5 +217,5 @@ fn fingerprint(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench, fingerprint);
+criterion_group!(benches, bench, tower_stack, fingerprint);
 criterion_main!(benches);

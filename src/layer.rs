@@ -12,6 +12,7 @@ use tower_layer::Layer;
 use crate::fingerprint::FingerprintConfig;
 use crate::key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
 use crate::service::Idempotency;
+use crate::service::Shared;
 use crate::store::{Store, StoreKey};
 
 /// What a duplicate gets while the first request with its key still runs.
@@ -169,13 +170,14 @@ impl Config {
 #[derive(Clone)]
 #[must_use]
 pub struct IdempotencyLayer {
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) config: Arc<Config>,
+    /// The store and the settings, shared with every service made from
+    /// this layer: making one (axum does it per route) is a reference count.
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl fmt::Debug for IdempotencyLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let c = &self.config;
+        let c = &self.shared.config;
         f.debug_struct("IdempotencyLayer")
             .field("header", &c.header)
             .field("methods", &c.methods)
@@ -200,13 +202,15 @@ impl IdempotencyLayer {
     /// A layer over a store that is already shared.
     pub fn from_arc(store: Arc<dyn Store>) -> Self {
         Self {
-            store,
-            config: Arc::new(Config::default()),
+            shared: Arc::new(Shared {
+                store,
+                config: Config::default(),
+            }),
         }
     }
 
     fn config(mut self, f: impl FnOnce(&mut Config)) -> Self {
-        f(Arc::make_mut(&mut self.config));
+        f(&mut Arc::make_mut(&mut self.shared).config);
         self
     }
 
@@ -348,11 +352,7 @@ impl<S> Layer<S> for IdempotencyLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Idempotency {
             inner,
-            // One reference count per request, not two.
-            shared: Arc::new(crate::service::Shared {
-                store: self.store.clone(),
-                config: (*self.config).clone(),
-            }),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -390,11 +390,11 @@ mod tests {
                 .into_parts()
                 .0
         };
-        let a = scoped.config.store_key(&req("a"), &key);
-        let b = scoped.config.store_key(&req("b"), &key);
+        let a = scoped.shared.config.store_key(&req("a"), &key);
+        let b = scoped.shared.config.store_key(&req("b"), &key);
         assert_ne!(a, b);
-        assert_eq!(a, scoped.config.store_key(&req("a"), &key));
+        assert_eq!(a, scoped.shared.config.store_key(&req("a"), &key));
         let unscoped = IdempotencyLayer::new(crate::MemoryStore::new());
-        assert_ne!(a, unscoped.config.store_key(&req("a"), &key));
+        assert_ne!(a, unscoped.shared.config.store_key(&req("a"), &key));
     }
 }

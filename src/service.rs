@@ -33,7 +33,9 @@ pub struct Idempotency<S> {
     pub(crate) shared: Arc<Shared>,
 }
 
-/// What every request of one service shares: the store and the settings.
+/// What every request of one service shares: the store and the settings,
+/// behind one reference count.
+#[derive(Clone)]
 pub(crate) struct Shared {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) config: Config,

@@ -16,8 +16,11 @@
 //!
 //! Groups: `first` (a fresh key each iteration), `replay`, `conflict_409`
 //! (a duplicate of a request still running: the layers that lock),
-//! `get_passthrough` (a GET without a key), and `concurrent64_first` /
-//! `concurrent64_replay` (64 tasks on a 2-thread runtime, throughput).
+//! `get_passthrough` (a GET without a key, with a do-nothing layer for
+//! reference), all on a current-thread runtime; `mt_sequential_first` /
+//! `mt_sequential_replay` (one task on a 2-thread runtime, as a server runs
+//! a connection); and `concurrent64_first` / `concurrent64_replay` (64 tasks
+//! on a 2-thread runtime, throughput).
 //!
 //! ```text
 //! CARGO_TARGET_DIR=… cargo bench --ignore-rust-version --manifest-path perf/peers/Cargo.toml
@@ -119,9 +122,13 @@ impl Kind {
 
 /// The app for `kind`, its stores made on `rt` (the `idempotent` store
 /// spawns its actor there). `long_lease`: locks outlive the benchmark.
+///
+/// Every app is finished with `with_state(())`, as `axum::serve` does
+/// (`into_make_service`): routes and their layers are then built once, not
+/// on every request, so each request costs what it costs in a server.
 fn app(kind: Kind, rt: &Runtime, long_lease: bool) -> Router {
     let _guard = rt.enter();
-    match kind {
+    let app: Router = match kind {
         Kind::Bare => routes(),
         Kind::Ours => {
             let store = tower_idempotency::MemoryStore::new()
@@ -160,7 +167,8 @@ fn app(kind: Kind, rt: &Runtime, long_lease: bool) -> Router {
                 .layer(sessions)
                 .layer(CookieManagerLayer::new())
         }
-    }
+    };
+    app.with_state(())
 }
 
 fn request(
@@ -331,6 +339,14 @@ fn single_thread(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("get_passthrough");
     g.throughput(Throughput::Elements(1));
+    // What any layer at all costs under axum: one that changes nothing.
+    let noop: Router = routes()
+        .layer(tower::util::MapRequestLayer::new(|r: Request<Body>| r))
+        .with_state(());
+    g.bench_function("noop_layer", |b| {
+        b.to_async(&rt)
+            .iter(|| run(&noop, request(Method::GET, None, None, &body)))
+    });
     for (kind, app) in apps.iter().filter(|(k, _)| *k != Kind::AxumIdemHash) {
         // axum-idempotent's hashing mode caches GETs too: no passthrough.
         let cookie = kind.sessions().then(|| rt.block_on(session(app)));
@@ -360,6 +376,56 @@ fn single_thread(c: &mut Criterion) {
         });
     }
     g.finish();
+}
+
+/// Sequential requests from one task on a 2-thread runtime, as a server
+/// runs one connection: the latency a client sees when nothing else runs,
+/// including any hop to another task or thread that a layer makes.
+fn multi_thread_sequential(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let body = body_1k();
+    let counter = Arc::new(AtomicU64::new(0));
+    for replay in [false, true] {
+        let name = if replay { "mt_sequential_replay" } else { "mt_sequential_first" };
+        let mut g = c.benchmark_group(name);
+        g.throughput(Throughput::Elements(1));
+        for kind in [Kind::Bare, Kind::Ours, Kind::Idempotent] {
+            if replay && kind == Kind::Bare {
+                continue;
+            }
+            let app = app(kind, &rt, false);
+            rt.block_on(run(&app, request(Method::POST, Some("mt-replayed"), None, &body)));
+            g.bench_function(kind.name(), |b| {
+                b.to_async(&rt).iter_custom(|iters| {
+                    let app = app.clone();
+                    let body = body.clone();
+                    let counter = counter.clone();
+                    async move {
+                        // The loop runs on a worker, as a connection's task does.
+                        tokio::spawn(async move {
+                            let start = Instant::now();
+                            for _ in 0..iters {
+                                let key = if replay {
+                                    String::from("mt-replayed")
+                                } else {
+                                    fresh_key(&counter)
+                                };
+                                run(&app, request(Method::POST, Some(&key), None, &body)).await;
+                            }
+                            start.elapsed()
+                        })
+                        .await
+                        .unwrap()
+                    }
+                })
+            });
+        }
+        g.finish();
+    }
 }
 
 /// 64 tasks on a 2-thread runtime; an iteration is one request, so
@@ -479,6 +545,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = single_thread, concurrent
+    targets = single_thread, multi_thread_sequential, concurrent
 }
 criterion_main!(benches);
