@@ -143,11 +143,7 @@ fn tower_stack(c: &mut Criterion) {
     let mut g = c.benchmark_group("tower_stack_1k");
     g.bench_function("bare_get", |b| {
         b.to_async(&rt).iter(|| async {
-            let res = handler
-                .clone()
-                .oneshot(req(Method::GET, None))
-                .await
-                .unwrap();
+            let res = handler.oneshot(req(Method::GET, None)).await.unwrap();
             std::hint::black_box(res.into_body().collect().await.unwrap().to_bytes());
         })
     });
@@ -164,7 +160,6 @@ fn tower_stack(c: &mut Criterion) {
     g.bench_function("bare_post", |b| {
         b.to_async(&rt).iter(|| async {
             let res = handler
-                .clone()
                 .oneshot(req(Method::POST, Some(&fresh())))
                 .await
                 .unwrap();
