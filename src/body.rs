@@ -35,7 +35,8 @@ pin_project! {
     {
         Full {
             data: Option<Bytes>,
-            trailers: Option<HeaderMap>,
+            // Boxed: rare, and a `HeaderMap` would triple the body's size.
+            trailers: Option<Box<HeaderMap>>,
         },
         Stream {
             #[pin]
@@ -68,7 +69,7 @@ impl<B: Body> ResponseBody<B> {
         Self {
             kind: Kind::Full {
                 data: (!data.is_empty()).then_some(data),
-                trailers,
+                trailers: trailers.map(Box::new),
             },
         }
     }
@@ -117,7 +118,7 @@ where
                 if let Some(data) = data.take() {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(*t))))
             }
             KindProj::Stream { body } => to_bytes(body.poll_frame(cx)),
             KindProj::Chain { prefix, body } => {

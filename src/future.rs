@@ -42,7 +42,9 @@ pin_project! {
             fut: F,
         },
         Ready {
-            res: Option<Response<ResponseBody<B>>>,
+            // Boxed: a rejection is rare, and the response would make every
+            // passthrough future hundreds of bytes larger.
+            res: Option<Box<Response<ResponseBody<B>>>>,
         },
         Covered {
             #[pin]
@@ -71,7 +73,9 @@ impl<F, B: Body, E> ResponseFuture<F, B, E> {
 
     pub(crate) fn ready(res: Response<ResponseBody<B>>) -> Self {
         Self {
-            kind: Kind::Ready { res: Some(res) },
+            kind: Kind::Ready {
+                res: Some(Box::new(res)),
+            },
         }
     }
 
@@ -96,7 +100,7 @@ where
                 Poll::Ready(Ok(res.map(ResponseBody::stream)))
             }
             KindProj::Ready { res } => match res.take() {
-                Some(res) => Poll::Ready(Ok(res)),
+                Some(res) => Poll::Ready(Ok(*res)),
                 None => Poll::Pending,
             },
             KindProj::Covered { fut } => fut.poll(cx),

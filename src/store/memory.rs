@@ -3,9 +3,9 @@
 //! # Layout
 //!
 //! Each shard keeps its entries in a slab (`Vec<Slot>`, reused through a
-//! free list) and indexes them with a hash table of 4-byte slot numbers
-//! that hashes and compares through the slab, so the 32-byte key is held
-//! once. A completed record is one buffer in [`Record`]'s compact form
+//! free list) and indexes them with a hash table of 8-byte (slot number,
+//! 32-bit hash) pairs, so the 32-byte key is held once, and neither a miss
+//! nor a resize of the table reads the slab. A completed record is one buffer in [`Record`]'s compact form
 //! (fields and body together) rather than a list of parsed header values.
 //! Insertion order, for expiry and eviction, is a queue of 8-byte
 //! (slot, generation) tags. Together that is well under 256 bytes per record
@@ -96,8 +96,9 @@ type Ticks = u64;
 
 #[derive(Default)]
 struct Shard {
-    /// Slot numbers, hashed and compared through `slots`.
-    table: HashTable<u32>,
+    /// (slot number, the key's 32-bit hash): a lookup reads the slab only
+    /// for a matching hash, and growing the table never reads it.
+    table: HashTable<(u32, u32)>,
     slots: Vec<Slot>,
     /// Vacant slots, reused before the slab grows.
     free: Vec<u32>,
@@ -131,11 +132,19 @@ struct Lock {
     waiters: Option<Arc<Notify>>,
 }
 
-fn hash(key: &StoreKey) -> u64 {
-    // Store keys are SHA-256 digests: any eight bytes are a hash already.
-    // Bytes 0 and 1 choose the shard; these are independent of them.
+/// The key's 32-bit hash, as the table stores it.
+fn short_hash(key: &StoreKey) -> u32 {
+    // Store keys are SHA-256 digests: any four bytes are a hash already.
+    // Bytes 0 and 1 choose the shard, byte 2 the shard a sweep visits; these
+    // are independent of them.
     let b = key.as_bytes();
-    u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]])
+    u32::from_le_bytes([b[8], b[9], b[10], b[11]])
+}
+
+/// The 64-bit hash the table probes with, spread from the 32-bit one so
+/// that its top bits (the table's tags) are as random as its low bits.
+fn spread(short: u32) -> u64 {
+    u64::from(short).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 impl MemoryStore {
@@ -259,9 +268,12 @@ fn size_u32(size: usize) -> u32 {
 impl Shard {
     fn find(&self, key: &StoreKey) -> Option<usize> {
         let slots = &self.slots;
+        let short = short_hash(key);
         self.table
-            .find(hash(key), |&i| slots[i as usize].key == *key)
-            .map(|&i| i as usize)
+            .find(spread(short), |&(i, h)| {
+                h == short && slots[i as usize].key == *key
+            })
+            .map(|&(i, _)| i as usize)
     }
 
     /// The entry for `key` unless it has expired.
@@ -303,20 +315,23 @@ impl Shard {
                 u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
             }
         };
-        let Self { table, slots, .. } = self;
-        table.insert_unique(hash(&key), idx, |&i| hash(&slots[i as usize].key));
+        let short = short_hash(&key);
+        self.table
+            .insert_unique(spread(short), (idx, short), |&(_, h)| spread(h));
         self.bytes += ENTRY_OVERHEAD;
         let generation = self.slots[idx as usize].generation;
         self.order.push_back((idx, generation));
     }
 
     fn remove_at(&mut self, idx: usize) {
-        let Self { table, slots, .. } = self;
-        let key = slots[idx].key;
-        if let Ok(entry) = table.find_entry(hash(&key), |&i| i as usize == idx) {
+        let short = short_hash(&self.slots[idx].key);
+        if let Ok(entry) = self
+            .table
+            .find_entry(spread(short), |&(i, _)| i as usize == idx)
+        {
             entry.remove();
         }
-        let slot = &mut slots[idx];
+        let slot = &mut self.slots[idx];
         if let State::InFlight(lock) = std::mem::replace(&mut slot.state, State::Vacant)
             && let Some(waiters) = &lock.waiters
         {
