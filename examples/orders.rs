@@ -84,7 +84,10 @@ async fn store() -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
     #[cfg(feature = "postgres")]
     if let Ok(url) = std::env::var("DATABASE_URL") {
         tracing::info!("using PostgresStore");
-        let pool = sqlx::PgPool::connect(&url).await?;
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .test_before_acquire(false)
+            .connect(&url)
+            .await?;
         let store = tower_idempotency::PostgresStore::new(pool);
         store.migrate().await?;
         store.spawn_sweeper(Duration::from_secs(60), 1000);

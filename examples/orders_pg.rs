@@ -138,6 +138,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Every in-flight order holds a connection until it commits.
     let pool = sqlx::postgres::PgPoolOptions::new()
+        // No ping before every statement: a broken connection fails its
+        // call (503) and is dropped.
+        .test_before_acquire(false)
         .max_connections(32)
         .connect(&url)
         .await?;

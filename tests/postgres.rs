@@ -255,6 +255,54 @@ async fn a_corrupt_record_is_reported_not_replayed() {
     drop_table(&store).await;
 }
 
+/// A replay and a conflict write nothing: they do not wait for a row lock
+/// that another transaction holds (an `ON CONFLICT DO UPDATE` would), and
+/// their transactions take no transaction id, so they commit without a WAL
+/// flush.
+#[tokio::test]
+async fn replays_and_conflicts_write_nothing() {
+    let Some(url) = database_url() else { return };
+    let store = store_on(connect(&url).await).await;
+    let done = random_key();
+    let token = acquire(&store, &done).await;
+    let record = sample_record(fp(1), 16);
+    assert!(
+        store
+            .complete(&done, &token, &record, Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    let held = random_key();
+    acquire(&store, &held).await;
+    // Another transaction holds both rows locked.
+    let mut locker = store.pool().begin().await.unwrap();
+    sqlx::query(&format!(
+        "SELECT 1 FROM {} WHERE key = $1 OR key = $2 FOR UPDATE",
+        store.qualified_table()
+    ))
+    .bind(&done.as_bytes()[..])
+    .bind(&held.as_bytes()[..])
+    .execute(&mut *locker)
+    .await
+    .unwrap();
+    let replay = tokio::time::timeout(
+        Duration::from_secs(1),
+        store.begin(&done, &fp(1), Duration::from_secs(30)),
+    )
+    .await
+    .expect("a replay waited for a row lock");
+    assert!(matches!(replay, Ok(Begin::Completed(r)) if r.body() == record.body()));
+    let conflict = tokio::time::timeout(
+        Duration::from_secs(1),
+        store.begin(&held, &fp(1), Duration::from_secs(30)),
+    )
+    .await
+    .expect("a conflict waited for a row lock");
+    assert!(matches!(conflict, Ok(Begin::InFlight { .. })));
+    locker.rollback().await.unwrap();
+    drop_table(&store).await;
+}
+
 /// Many concurrent `begin`s on keys whose rows expire, are taken over and
 /// are committed while the others' statements run: exactly one acquires,
 /// the others see the winner's lock, and nobody sees the expired record.

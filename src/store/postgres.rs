@@ -56,18 +56,23 @@
 //! transaction, and every time comparison uses the database's `now()`,
 //! never the application's clock:
 //!
-//! - `begin` is an `INSERT … ON CONFLICT DO UPDATE … WHERE expires_at <=
-//!   now()` that takes a missing or expired key, with the current row read in
-//!   the same statement when the key is live. Under a race the row may have
-//!   been committed after the statement's snapshot was taken; the statement
-//!   is then run again (rare, and bounded).
+//! - `begin` reads the live row and, only when there is none, runs an
+//!   `INSERT … ON CONFLICT DO UPDATE … WHERE expires_at <= now()` that takes
+//!   a missing or expired key, all in one statement. A replay or a conflict
+//!   therefore writes nothing: its transaction is read-only and commits
+//!   without a WAL flush. Under a race the row may have been committed after
+//!   the statement's snapshot was taken; the statement is then run again
+//!   (rare, and bounded).
 //! - `complete`, `release` and `extend` are one `UPDATE` or `DELETE` each,
 //!   fenced by the lock token and a live lease.
 //!
 //! Each statement is one round trip once the connection has prepared it.
 //! sqlx itself pings a connection when it goes back to the pool (off the
 //! request's path) and, unless the pool is built with
-//! `test_before_acquire(false)`, when it hands one out.
+//! `test_before_acquire(false)`, when it hands one out: build the pool with
+//! `test_before_acquire(false)` to save that round trip on every call (a
+//! broken connection still fails the call, which the layer answers with
+//! 503, and sqlx drops it).
 //!
 //! Expired rows are never returned; they are taken over by the next `begin`
 //! and removed by [`delete_expired`](PostgresStore::delete_expired), which
@@ -170,11 +175,20 @@ impl Sql {
     fn new(schema: String, table: String) -> Self {
         let t = format!("\"{schema}\".\"{table}\"");
         let index = index_name(&table);
+        // The live row is read first, and the INSERT runs only when there
+        // is none: a replay or a conflict modifies nothing, so it is a
+        // read-only transaction that commits without waiting for the WAL to
+        // be flushed. (An `ON CONFLICT DO UPDATE` that finds a live row locks
+        // it even when its WHERE is false, which makes every replay a write.)
         let begin = format!(
-            "WITH ins AS ( \
+            "WITH live AS ( \
+                SELECT fingerprint, state, record FROM {t} \
+                WHERE key = $1 AND expires_at > now() \
+            ), ins AS ( \
                 INSERT INTO {t} AS cur \
                     (key, fingerprint, state, lock_token, record, created_at, expires_at) \
-                VALUES ($1, $2, 0, $3, NULL, now(), now() + make_interval(secs => $4)) \
+                SELECT $1, $2, 0, $3, NULL, now(), now() + make_interval(secs => $4) \
+                WHERE NOT EXISTS (SELECT 1 FROM live) \
                 ON CONFLICT (key) DO UPDATE SET \
                     fingerprint = EXCLUDED.fingerprint, state = 0, \
                     lock_token = EXCLUDED.lock_token, record = NULL, \
@@ -186,10 +200,7 @@ impl Sql {
                    NULL::smallint AS state, NULL::bytea AS record \
             FROM ins \
             UNION ALL \
-            SELECT false, cur.fingerprint, cur.state, cur.record \
-            FROM {t} AS cur \
-            WHERE cur.key = $1 AND cur.expires_at > now() \
-              AND NOT EXISTS (SELECT 1 FROM ins)"
+            SELECT false, fingerprint, state, record FROM live"
         );
         let complete = format!(
             "UPDATE {t} SET state = 1, record = $3, lock_token = NULL, \

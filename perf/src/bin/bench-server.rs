@@ -146,6 +146,9 @@ async fn postgres_store() -> Result<Arc<dyn Store>, BoxError> {
         .transpose()?
         .unwrap_or(32);
     let pool = sqlx::postgres::PgPoolOptions::new()
+        // No ping before every statement: a broken connection fails its
+        // call (503) and is dropped.
+        .test_before_acquire(false)
         .max_connections(pool_size)
         .connect(&url)
         .await?;
