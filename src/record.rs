@@ -236,26 +236,9 @@ impl Record {
     /// with an invalid header.
     pub(crate) fn from_compact(bytes: Bytes) -> Result<Self, DecodeError> {
         let mut r = Reader { buf: bytes };
-        let kind = kind_from(r.u8()?)?;
-        let fingerprint = r.fingerprint()?;
-        let created_at_ms = r.u64()?;
-        let status =
-            StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError::new("invalid status"))?;
-        let headers = r.fields()?;
-        let trailers = r.fields()?;
-        Ok(Self {
-            kind,
-            fingerprint,
-            created_at_ms,
-            status,
-            headers: headers.into(),
-            trailers: if trailers.is_empty() {
-                None
-            } else {
-                Some(trailers.into())
-            },
-            body: r.buf,
-        })
+        let mut record = r.record_without_body()?;
+        record.body = r.buf;
+        Ok(record)
     }
 
     fn kind_byte(&self) -> u8 {
@@ -313,31 +296,13 @@ impl Record {
         if version != VERSION {
             return Err(DecodeError::new("unsupported version"));
         }
-        let kind = kind_from(r.u8()?)?;
-        let fingerprint = r.fingerprint()?;
-        let created_at_ms = r.u64()?;
-        let status =
-            StatusCode::from_u16(r.u16()?).map_err(|_| DecodeError::new("invalid status"))?;
-        let headers = r.fields()?;
-        let trailers = r.fields()?;
+        let mut record = r.record_without_body()?;
         let body_len = r.u32()? as usize;
-        let body = r.take(body_len)?;
+        record.body = r.take(body_len)?;
         if r.buf.has_remaining() {
             return Err(DecodeError::new("trailing bytes"));
         }
-        Ok(Self {
-            kind,
-            fingerprint,
-            created_at_ms,
-            status,
-            headers: headers.into(),
-            trailers: if trailers.is_empty() {
-                None
-            } else {
-                Some(trailers.into())
-            },
-            body,
-        })
+        Ok(record)
     }
 }
 
@@ -401,6 +366,30 @@ impl Reader {
     fn u64(&mut self) -> Result<u64, DecodeError> {
         self.need(8)?;
         Ok(self.buf.get_u64())
+    }
+    /// What both formats hold after their preamble and before the body:
+    /// kind, fingerprint, time, status, headers and trailers.
+    fn record_without_body(&mut self) -> Result<Record, DecodeError> {
+        let kind = kind_from(self.u8()?)?;
+        let fingerprint = self.fingerprint()?;
+        let created_at_ms = self.u64()?;
+        let status =
+            StatusCode::from_u16(self.u16()?).map_err(|_| DecodeError::new("invalid status"))?;
+        let headers = self.fields()?;
+        let trailers = self.fields()?;
+        Ok(Record {
+            kind,
+            fingerprint,
+            created_at_ms,
+            status,
+            headers: headers.into(),
+            trailers: if trailers.is_empty() {
+                None
+            } else {
+                Some(trailers.into())
+            },
+            body: Bytes::new(),
+        })
     }
     fn fingerprint(&mut self) -> Result<Fingerprint, DecodeError> {
         self.need(32)?;
@@ -478,6 +467,30 @@ mod tests {
             HeaderName::from_static("grpc-status"),
             HeaderValue::from_static("0"),
         )])
+    }
+
+    #[test]
+    fn compact_form_round_trips_and_refuses_a_cut_head() {
+        let tombstone = Record::tombstone(
+            Fingerprint::from_bytes([3; 32]),
+            StatusCode::OK,
+            vec![(
+                HeaderName::from_static("x-custom-header"),
+                HeaderValue::from_static("v"),
+            )],
+        );
+        for record in [sample(), tombstone] {
+            let compact = record.to_compact();
+            assert_eq!(Record::from_compact(compact.clone()).unwrap(), record);
+            // The body is the rest of the buffer: every cut before it fails.
+            let head = compact.len() - record.body().len();
+            for cut in 0..head {
+                assert!(
+                    Record::from_compact(compact.slice(..cut)).is_err(),
+                    "cut at {cut}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -381,19 +381,27 @@ fn single_thread(c: &mut Criterion) {
     g.finish();
 }
 
-/// Sequential requests from one task on a 2-thread runtime, as a server
-/// runs one connection: the latency a client sees when nothing else runs,
-/// including any hop to another task or thread that a layer makes.
-fn multi_thread_sequential(c: &mut Criterion) {
+/// A 2-worker runtime, the body and a key counter.
+fn multi_thread_setup() -> (Runtime, Bytes, Arc<AtomicU64>) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let body = body_1k();
-    let counter = Arc::new(AtomicU64::new(0));
+    (rt, body_1k(), Arc::new(AtomicU64::new(0)))
+}
+
+/// Sequential requests from one task on a 2-thread runtime, as a server
+/// runs one connection: the latency a client sees when nothing else runs,
+/// including any hop to another task or thread that a layer makes.
+fn multi_thread_sequential(c: &mut Criterion) {
+    let (rt, body, counter) = multi_thread_setup();
     for replay in [false, true] {
-        let name = if replay { "mt_sequential_replay" } else { "mt_sequential_first" };
+        let name = if replay {
+            "mt_sequential_replay"
+        } else {
+            "mt_sequential_first"
+        };
         let mut g = c.benchmark_group(name);
         g.throughput(Throughput::Elements(1));
         for kind in [Kind::Bare, Kind::Ours, Kind::Idempotent] {
@@ -401,7 +409,10 @@ fn multi_thread_sequential(c: &mut Criterion) {
                 continue;
             }
             let app = app(kind, &rt, false);
-            rt.block_on(run(&app, request(Method::POST, Some("mt-replayed"), None, &body)));
+            rt.block_on(run(
+                &app,
+                request(Method::POST, Some("mt-replayed"), None, &body),
+            ));
             g.bench_function(kind.name(), |b| {
                 b.to_async(&rt).iter_custom(|iters| {
                     let app = app.clone();
@@ -434,13 +445,7 @@ fn multi_thread_sequential(c: &mut Criterion) {
 /// 64 tasks on a 2-thread runtime; an iteration is one request, so
 /// criterion's throughput is requests per second.
 fn concurrent(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let body = body_1k();
-    let counter = Arc::new(AtomicU64::new(0));
+    let (rt, body, counter) = multi_thread_setup();
     let kinds = [
         Kind::Bare,
         Kind::Ours,
