@@ -5,8 +5,10 @@
 //! Each shard keeps its entries in a slab (`Vec<Slot>`, reused through a
 //! free list) and indexes them with a hash table of 8-byte (slot number,
 //! 32-bit hash) pairs, so the 32-byte key is held once, and neither a miss
-//! nor a resize of the table reads the slab. A completed record is one buffer in [`Record`]'s compact form
-//! (fields and body together) rather than a list of parsed header values.
+//! nor a resize of the table reads the slab. Keys are hashed with a secret
+//! chosen per store, so clients cannot pick keys that collide. A completed
+//! record is one buffer in [`Record`]'s compact form (fields and body
+//! together) rather than a list of parsed header values.
 //! Insertion order, for expiry and eviction, is a queue of 8-byte
 //! (slot, generation) tags. Together that is well under 256 bytes per record
 //! above its body (see `benches/memory.rs`).
@@ -72,6 +74,7 @@ struct Inner {
     max_bytes: usize,
     /// Entry deadlines are microseconds since this instant.
     epoch: Instant,
+    seed: Seed,
 }
 
 impl fmt::Debug for MemoryStore {
@@ -94,8 +97,8 @@ impl Default for MemoryStore {
 /// Microseconds since the store's epoch.
 type Ticks = u64;
 
-#[derive(Default)]
 struct Shard {
+    seed: Seed,
     /// (slot number, the key's 32-bit hash): a lookup reads the slab only
     /// for a matching hash, and growing the table never reads it.
     table: HashTable<(u32, u32)>,
@@ -132,17 +135,44 @@ struct Lock {
     waiters: Option<Arc<Notify>>,
 }
 
-/// The key's 32-bit hash, as the table stores it.
-fn short_hash(key: &StoreKey) -> u32 {
-    // Store keys are SHA-256 digests: any four bytes are a hash already.
-    // Bytes 0 and 1 choose the shard, byte 2 the shard a sweep visits; these
-    // are independent of them.
-    let b = key.as_bytes();
-    u32::from_le_bytes([b[8], b[9], b[10], b[11]])
+/// A per-store secret that every key is hashed with. Store keys are
+/// SHA-256 digests, but a client chooses its idempotency keys, and with an
+/// unkeyed hash it could grind keys whose digests share a shard or a run of
+/// table buckets (a few thousand tries each) and make every lookup there
+/// slow. Keyed, it cannot tell which keys collide.
+#[derive(Clone, Copy)]
+struct Seed([u64; 4]);
+
+impl Seed {
+    fn random() -> Self {
+        use std::hash::BuildHasher;
+        let state = std::hash::RandomState::new();
+        Self([0u64, 1, 2, 3].map(|i| state.hash_one(i)))
+    }
+
+    /// The folded-multiply hash (as in foldhash and wyhash) of the key's
+    /// four words, each mixed with the secret first.
+    fn hash(&self, key: &StoreKey) -> u64 {
+        let mut w = [0u64; 4];
+        for (word, chunk) in w.iter_mut().zip(key.as_bytes().chunks_exact(8)) {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(chunk);
+            *word = u64::from_le_bytes(bytes);
+        }
+        let s = &self.0;
+        fold(w[0] ^ s[0], w[1] ^ s[1]) ^ fold(w[2] ^ s[2], w[3] ^ s[3])
+    }
 }
 
-/// The 64-bit hash the table probes with, spread from the 32-bit one so
-/// that its top bits (the table's tags) are as random as its low bits.
+fn fold(a: u64, b: u64) -> u64 {
+    let p = u128::from(a) * u128::from(b);
+    // Truncations on purpose: the two halves of the product.
+    (p as u64) ^ ((p >> 64) as u64)
+}
+
+/// The 64-bit hash the table probes with, spread from the 32-bit one it
+/// stores so that its top bits (the table's tags) are as random as its low
+/// bits.
 fn spread(short: u32) -> u64 {
     u64::from(short).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
@@ -162,13 +192,15 @@ impl MemoryStore {
             .clamp(1, 64)
             .next_power_of_two()
             .min(64);
+        let seed = Seed::random();
         Self {
             inner: Arc::new(Inner {
-                shards: (0..shards).map(|_| Mutex::new(Shard::default())).collect(),
+                shards: (0..shards).map(|_| Mutex::new(Shard::new(seed))).collect(),
                 mask: shards - 1,
                 max_entries,
                 max_bytes: max_bytes.max(1),
                 epoch: Instant::now(),
+                seed,
             }),
         }
     }
@@ -222,17 +254,17 @@ impl MemoryStore {
     }
 
     fn shard(&self, key: &StoreKey) -> MutexGuard<'_, Shard> {
-        let b = key.as_bytes();
-        let idx = usize::from(b[0]) | (usize::from(b[1]) << 8);
+        // The top bits; the table uses the low ones.
+        let idx = (self.inner.seed.hash(key) >> 58) as usize;
         lock(&self.inner.shards[idx & self.inner.mask])
     }
 
-    /// Sweeps a few expired entries from another shard, chosen by the key
-    /// (uniformly, as keys are digests), unless another caller holds it: so
+    /// Sweeps a few expired entries from another shard, chosen by the key's
+    /// hash (uniformly), unless another caller holds it: so
     /// expired entries leave shards that see no insertions of their own,
     /// without a shared counter that every thread would write to.
     fn sweep_other(&self, key: &StoreKey, now: Ticks) {
-        let idx = usize::from(key.as_bytes()[2]) & self.inner.mask;
+        let idx = (self.inner.seed.hash(key) >> 52) as usize & self.inner.mask;
         let mut shard = match self.inner.shards[idx].try_lock() {
             Ok(shard) => shard,
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
@@ -266,9 +298,26 @@ fn size_u32(size: usize) -> u32 {
 }
 
 impl Shard {
+    fn new(seed: Seed) -> Self {
+        Self {
+            seed,
+            table: HashTable::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            order: VecDeque::new(),
+            bytes: 0,
+        }
+    }
+
+    /// The 32 bits of the key's hash that the table stores.
+    fn short_hash(&self, key: &StoreKey) -> u32 {
+        // Truncation on purpose: the low half.
+        self.seed.hash(key) as u32
+    }
+
     fn find(&self, key: &StoreKey) -> Option<usize> {
         let slots = &self.slots;
-        let short = short_hash(key);
+        let short = self.short_hash(key);
         self.table
             .find(spread(short), |&(i, h)| {
                 h == short && slots[i as usize].key == *key
@@ -315,7 +364,7 @@ impl Shard {
                 u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
             }
         };
-        let short = short_hash(&key);
+        let short = self.short_hash(&key);
         self.table
             .insert_unique(spread(short), (idx, short), |&(_, h)| spread(h));
         self.bytes += ENTRY_OVERHEAD;
@@ -324,7 +373,7 @@ impl Shard {
     }
 
     fn remove_at(&mut self, idx: usize) {
-        let short = short_hash(&self.slots[idx].key);
+        let short = self.short_hash(&self.slots[idx].key);
         if let Ok(entry) = self
             .table
             .find_entry(spread(short), |&(i, _)| i as usize == idx)
@@ -605,6 +654,32 @@ mod tests {
             store.begin(&key(3), &FP, LEASE).await,
             Err(StoreError::CapacityExceeded)
         ));
+    }
+
+    /// Keys a client ground to agree in every byte but their last word still
+    /// spread over the shards and the table's hashes, and two stores hash
+    /// the same key differently: what collides cannot be known outside.
+    #[test]
+    fn keys_are_hashed_with_a_per_store_secret() {
+        let store = MemoryStore::new();
+        let n = store.inner.shards.len() as u64;
+        assert!(n >= 16, "{n} shards");
+        let keys: Vec<StoreKey> = (0..256u64)
+            .map(|n| {
+                let mut b = [0x5a; 32];
+                b[24..].copy_from_slice(&n.to_le_bytes());
+                StoreKey::from_bytes(b)
+            })
+            .collect();
+        let seed = store.inner.seed;
+        let shards: std::collections::HashSet<u64> =
+            keys.iter().map(|k| (seed.hash(k) >> 58) & (n - 1)).collect();
+        let shorts: std::collections::HashSet<u32> =
+            keys.iter().map(|k| seed.hash(k) as u32).collect();
+        assert!(shards.len() as u64 > n * 3 / 4, "{} shards of {n}", shards.len());
+        assert_eq!(shorts.len(), keys.len());
+        let other = MemoryStore::new().inner.seed;
+        assert!(keys.iter().all(|k| other.hash(k) != seed.hash(k)));
     }
 
     /// A slot freed and reused keeps the order of its new entry: the old
