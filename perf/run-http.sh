@@ -3,10 +3,12 @@
 # row, and a markdown table of req/s and latency with ratios to `bare`.
 #
 #   perf/run-http.sh              # bare; memory unique/repeat/storm;
+#                                 # memory bounded to 20,000 entries;
 #                                 # redis and postgres unique/repeat
 #   perf/run-http.sh --million    # bare, then memory preloaded with
 #                                 # 1,000,000 records: replays and first
-#                                 # executions on top of them
+#                                 # executions on top of them; then first
+#                                 # executions into a store full at 1,000,000
 #
 # Environment (defaults in brackets):
 #   CONNECTIONS [64]  DURATION [10] s  WARMUP [2] s  BODY_BYTES [1024]
@@ -35,7 +37,7 @@ for arg in "$@"; do
   case "$arg" in
     --million) million=1 ;;
     -h | --help)
-      sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+      awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
       exit 0
       ;;
     *)
@@ -96,9 +98,9 @@ start_server() {
   return 1
 }
 
-rows=()
-bare_rps=""
-bare_p99=""
+raw=()
+bare_rps=()
+bare_p99=()
 
 field() { sed -E "s/.*\"$1\":([0-9.]+).*/\1/" <<<"$2"; }
 
@@ -121,21 +123,29 @@ measure() {
   p99="$(field p99 "$json")"
   errors="$(field errors "$json")"
   statuses="$(sed -E 's/.*"status":\{([^}]*)\}.*/\1/; s/"//g; s/,/ /g' <<<"$json")"
-  if [ -z "$bare_rps" ]; then
-    bare_rps="$rps"
-    bare_p99="$p99"
+  if [ "$label" = bare ]; then
+    bare_rps+=("$rps")
+    bare_p99+=("$p99")
   fi
-  rows+=("$(awk -v l="$label" -v k="$keys" -v r="$rps" -v a="$p50" -v b="$p99" \
-    -v br="$bare_rps" -v bp="$bare_p99" -v s="$statuses" -v e="$errors" 'BEGIN {
-      printf "| %s | %s | %.0f | %.2f | %.2f | %.2f | %.2f | %s%s |",
-        l, k, r, a / 1000, b / 1000, (br > 0 ? r / br : 0), (bp > 0 ? b / bp : 0),
-        s, (e > 0 ? sprintf(", %d errors", e) : "")
-    }')")
+  raw+=("$label|$keys|$rps|$p50|$p99|$statuses|$errors")
+}
+
+# The table, every ratio to the mean of the bare runs (one first, one
+# last: the machine's speed drifts during a run).
+table() {
+  local br bp
+  br="$(printf '%s\n' "${bare_rps[@]}" | awk '{ s += $1 } END { print (NR ? s / NR : 0) }')"
+  bp="$(printf '%s\n' "${bare_p99[@]}" | awk '{ s += $1 } END { print (NR ? s / NR : 0) }')"
+  printf '%s\n' "${raw[@]}" | awk -F'|' -v br="$br" -v bp="$bp" '{
+    printf "| %s | %s | %.0f | %.2f | %.2f | %.2f | %.2f | %s%s |\n",
+      $1, $2, $3, $4 / 1000, $5 / 1000, (br > 0 ? $3 / br : 0), (bp > 0 ? $5 / bp : 0),
+      $6, ($7 > 0 ? sprintf(", %d errors", $7) : "")
+  }'
 }
 
 load_before="$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')"
 
-# The reference row comes first: every ratio is to it.
+# The reference: measured first and again last.
 start_server bare bare
 measure bare unique
 stop_server
@@ -146,11 +156,21 @@ if [ "$million" = 1 ]; then
   measure "memory, $PRELOAD preloaded" repeat
   measure "memory, $PRELOAD preloaded" unique
   stop_server
+  # Full at the same million: every first execution evicts the oldest.
+  start_server million-full memory --preload "$PRELOAD" --preload-body-bytes "$BODY_BYTES" \
+    --max-entries "$PRELOAD"
+  measure "memory, $PRELOAD preloaded, $PRELOAD max" unique
+  stop_server
 else
   start_server memory memory
   measure memory unique
   measure memory repeat
   measure memory storm
+  stop_server
+  # A store at its bound: the oldest records make room, so it stops
+  # growing (the steady state of a long-running server).
+  start_server memory-bounded memory --max-entries 20000
+  measure "memory, 20,000 max" unique
   stop_server
   for backend in redis postgres; do
     if [ "$backend" = redis ] && [ -z "${REDIS_URL:-}" ]; then
@@ -171,6 +191,10 @@ else
   done
 fi
 
+start_server bare-again bare
+measure bare unique
+stop_server
+
 load_after="$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')"
 
 echo
@@ -178,6 +202,8 @@ echo "$CONNECTIONS connections, ${DURATION} s after ${WARMUP} s warm-up, ${BODY_
   "$(nproc) cores shared by server and load generator (loadgen threads: $LOADGEN_THREADS);" \
   "load average (1, 5, 15 min) $load_before before, $load_after after"
 echo
+echo "Ratios are to the mean of the two bare runs (the first and the last row)."
+echo
 echo "| server | keys | req/s | p50 ms | p99 ms | req/s ÷ bare | p99 ÷ bare | statuses |"
 echo "|---|---|---:|---:|---:|---:|---:|---|"
-printf '%s\n' "${rows[@]}"
+table

@@ -672,11 +672,17 @@ mod tests {
             })
             .collect();
         let seed = store.inner.seed;
-        let shards: std::collections::HashSet<u64> =
-            keys.iter().map(|k| (seed.hash(k) >> 58) & (n - 1)).collect();
+        let shards: std::collections::HashSet<u64> = keys
+            .iter()
+            .map(|k| (seed.hash(k) >> 58) & (n - 1))
+            .collect();
         let shorts: std::collections::HashSet<u32> =
             keys.iter().map(|k| seed.hash(k) as u32).collect();
-        assert!(shards.len() as u64 > n * 3 / 4, "{} shards of {n}", shards.len());
+        assert!(
+            shards.len() as u64 > n * 3 / 4,
+            "{} shards of {n}",
+            shards.len()
+        );
         assert_eq!(shorts.len(), keys.len());
         let other = MemoryStore::new().inner.seed;
         assert!(keys.iter().all(|k| other.hash(k) != seed.hash(k)));

@@ -4,11 +4,13 @@
 //! ```text
 //! bench-server --port 3000 --mode bare|memory|redis|postgres \
 //!              [--preload N] [--preload-body-bytes 1024] [--delay-ms 0] \
-//!              [--threads 0] [--exit-after 900]
+//!              [--threads 0] [--exit-after 900] [--max-entries 2000000]
 //! ```
 //!
 //! - `bare`: no idempotency layer, the reference;
-//! - `memory`: `MemoryStore` bounded to 2,000,000 entries and 4 GiB;
+//! - `memory`: `MemoryStore` bounded to `--max-entries` (2,000,000) entries
+//!   and 4 GiB (a small bound keeps the store from growing: the oldest
+//!   records make room);
 //! - `redis`: `RedisStore` on `REDIS_URL` (feature `redis`);
 //! - `postgres`: `PostgresStore` on `DATABASE_URL`, table
 //!   `perf_idempotency_records` (feature `postgres`; `PG_POOL` connections,
@@ -110,12 +112,15 @@ impl std::str::FromStr for Mode {
 
 /// The store for `mode`, or `None` for `bare`; the `MemoryStore` handle
 /// too, to report its size.
-async fn store(mode: Mode) -> Result<(Option<Arc<dyn Store>>, Option<MemoryStore>), BoxError> {
+async fn store(
+    mode: Mode,
+    max_entries: usize,
+) -> Result<(Option<Arc<dyn Store>>, Option<MemoryStore>), BoxError> {
     match mode {
         Mode::Bare => Ok((None, None)),
         Mode::Memory => {
             let store = MemoryStore::new()
-                .with_max_entries(2_000_000)
+                .with_max_entries(max_entries)
                 .with_max_bytes(4 << 30);
             Ok((Some(Arc::new(store.clone())), Some(store)))
         }
@@ -203,6 +208,7 @@ struct Opts {
     exit_after: u64,
     threads: usize,
     delay: Duration,
+    max_entries: usize,
 }
 
 fn opts() -> Result<Opts, BoxError> {
@@ -215,6 +221,7 @@ fn opts() -> Result<Opts, BoxError> {
         exit_after: args.get("exit-after", 900)?,
         threads: args.get("threads", 0)?,
         delay: Duration::from_millis(args.get("delay-ms", 0)?),
+        max_entries: args.get("max-entries", 2_000_000)?,
     };
     args.finish()?;
     Ok(opts)
@@ -229,8 +236,9 @@ async fn run(opts: Opts) -> Result<(), BoxError> {
         exit_after,
         threads: _,
         delay,
+        max_entries,
     } = opts;
-    let (store, memory) = store(mode).await?;
+    let (store, memory) = store(mode, max_entries).await?;
     let state = App {
         next: Arc::new(AtomicU64::new(0)),
         delay,
