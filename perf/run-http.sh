@@ -15,7 +15,7 @@
 #   LOADGEN_THREADS [1]  SERVER_THREADS [0 = one per core]  PORT [39180]
 #   PRELOAD [1000000] (--million)  RESULTS_DIR [a new temporary directory]
 #   REDIS_URL, DATABASE_URL: the redis and postgres rows run only when set
-#   (PG_POOL [32]: the server's PostgreSQL pool size).
+#   (PG_POOL [16]: the server's PostgreSQL pool size).
 #
 # The load generator and the server share the machine's cores: the figures
 # are for comparing rows of one run, not absolute capacity. Every load run
