@@ -134,7 +134,9 @@ async fn store(
 async fn redis_store() -> Result<Arc<dyn Store>, BoxError> {
     let url = std::env::var("REDIS_URL").map_err(|_| "--mode redis needs REDIS_URL")?;
     Ok(Arc::new(
-        tower_idempotency::RedisStore::from_url(&url).await?,
+        tower_idempotency::RedisStore::from_url(&url)
+            .await?
+            .with_prefix("perf:idempotency:"),
     ))
 }
 
@@ -248,7 +250,9 @@ async fn run(opts: Opts) -> Result<(), BoxError> {
     let app = match store {
         None => routes.with_state(state),
         Some(store) => routes
-            .layer(IdempotencyLayer::from_arc(store))
+            // Records outlive the run by minutes, not a day: the shared
+            // Redis and PostgreSQL are not left holding millions of them.
+            .layer(IdempotencyLayer::from_arc(store).with_ttl(Duration::from_secs(600)))
             .with_state(state),
     };
 
