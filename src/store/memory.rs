@@ -143,35 +143,20 @@ struct Lock {
 /// SHA-256 digests, but a client chooses its idempotency keys, and with an
 /// unkeyed hash it could grind keys whose digests share a shard or a run of
 /// table buckets (a few thousand tries each) and make every lookup there
-/// slow. Keyed, it cannot tell which keys collide.
-#[derive(Clone, Copy)]
-struct Seed([u64; 4]);
+/// slow. Keyed (SipHash, std's `RandomState`), it cannot tell which keys
+/// collide.
+#[derive(Clone)]
+struct Seed(std::hash::RandomState);
 
 impl Seed {
     fn random() -> Self {
-        use std::hash::BuildHasher;
-        let state = std::hash::RandomState::new();
-        Self([0u64, 1, 2, 3].map(|i| state.hash_one(i)))
+        Self(std::hash::RandomState::new())
     }
 
-    /// The folded-multiply hash (as in foldhash and wyhash) of the key's
-    /// four words, each mixed with the secret first.
     fn hash(&self, key: &StoreKey) -> u64 {
-        let mut w = [0u64; 4];
-        for (word, chunk) in w.iter_mut().zip(key.as_bytes().chunks_exact(8)) {
-            let mut bytes = [0u8; 8];
-            bytes.copy_from_slice(chunk);
-            *word = u64::from_le_bytes(bytes);
-        }
-        let s = &self.0;
-        fold(w[0] ^ s[0], w[1] ^ s[1]) ^ fold(w[2] ^ s[2], w[3] ^ s[3])
+        use std::hash::BuildHasher;
+        self.0.hash_one(key.as_bytes())
     }
-}
-
-fn fold(a: u64, b: u64) -> u64 {
-    let p = u128::from(a) * u128::from(b);
-    // Truncations on purpose: the two halves of the product.
-    (p as u64) ^ ((p >> 64) as u64)
 }
 
 /// The 64-bit hash the table probes with, spread from the 32-bit one it
@@ -199,7 +184,9 @@ impl MemoryStore {
         let seed = Seed::random();
         Self {
             inner: Arc::new(Inner {
-                shards: (0..shards).map(|_| Mutex::new(Shard::new(seed))).collect(),
+                shards: (0..shards)
+                    .map(|_| Mutex::new(Shard::new(seed.clone())))
+                    .collect(),
                 mask: shards - 1,
                 max_entries,
                 max_bytes: max_bytes.max(1),
@@ -675,7 +662,7 @@ mod tests {
                 StoreKey::from_bytes(b)
             })
             .collect();
-        let seed = store.inner.seed;
+        let seed = &store.inner.seed;
         let shards: std::collections::HashSet<u64> = keys
             .iter()
             .map(|k| (seed.hash(k) >> 58) & (n - 1))
@@ -688,7 +675,8 @@ mod tests {
             shards.len()
         );
         assert_eq!(shorts.len(), keys.len());
-        let other = MemoryStore::new().inner.seed;
+        let other = MemoryStore::new();
+        let other = &other.inner.seed;
         assert!(keys.iter().all(|k| other.hash(k) != seed.hash(k)));
     }
 
