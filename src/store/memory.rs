@@ -159,6 +159,21 @@ impl Seed {
     }
 }
 
+/// A key with its keyed hash, computed once per operation.
+#[derive(Clone, Copy)]
+struct Hashed<'a> {
+    key: &'a StoreKey,
+    hash: u64,
+}
+
+impl Hashed<'_> {
+    /// The 32 bits of the hash that the table stores.
+    fn short(&self) -> u32 {
+        // Truncation on purpose: the low half.
+        self.hash as u32
+    }
+}
+
 /// The 64-bit hash the table probes with, spread from the 32-bit one it
 /// stores so that its top bits (the table's tags) are as random as its low
 /// bits.
@@ -244,9 +259,16 @@ impl MemoryStore {
         ticks(Instant::now().saturating_duration_since(self.inner.epoch))
     }
 
-    fn shard(&self, key: &StoreKey) -> MutexGuard<'_, Shard> {
+    fn hashed<'a>(&self, key: &'a StoreKey) -> Hashed<'a> {
+        Hashed {
+            key,
+            hash: self.inner.seed.hash(key),
+        }
+    }
+
+    fn shard(&self, key: Hashed<'_>) -> MutexGuard<'_, Shard> {
         // The top bits; the table uses the low ones.
-        let idx = (self.inner.seed.hash(key) >> 58) as usize;
+        let idx = (key.hash >> 58) as usize;
         lock(&self.inner.shards[idx & self.inner.mask])
     }
 
@@ -254,8 +276,8 @@ impl MemoryStore {
     /// hash (uniformly), unless another caller holds it: so
     /// expired entries leave shards that see no insertions of their own,
     /// without a shared counter that every thread would write to.
-    fn sweep_other(&self, key: &StoreKey, now: Ticks) {
-        let idx = (self.inner.seed.hash(key) >> 52) as usize & self.inner.mask;
+    fn sweep_other(&self, key: Hashed<'_>, now: Ticks) {
+        let idx = (key.hash >> 52) as usize & self.inner.mask;
         let mut shard = match self.inner.shards[idx].try_lock() {
             Ok(shard) => shard,
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
@@ -300,24 +322,18 @@ impl Shard {
         }
     }
 
-    /// The 32 bits of the key's hash that the table stores.
-    fn short_hash(&self, key: &StoreKey) -> u32 {
-        // Truncation on purpose: the low half.
-        self.seed.hash(key) as u32
-    }
-
-    fn find(&self, key: &StoreKey) -> Option<usize> {
+    fn find(&self, key: Hashed<'_>) -> Option<usize> {
         let slots = &self.slots;
-        let short = self.short_hash(key);
+        let short = key.short();
         self.table
             .find(spread(short), |&(i, h)| {
-                h == short && slots[i as usize].key == *key
+                h == short && slots[i as usize].key == *key.key
             })
             .map(|&(i, _)| i as usize)
     }
 
     /// The entry for `key` unless it has expired.
-    fn live(&mut self, key: &StoreKey, now: Ticks) -> Option<&mut Slot> {
+    fn live(&mut self, key: Hashed<'_>, now: Ticks) -> Option<&mut Slot> {
         let idx = self.find(key)?;
         Some(&mut self.slots[idx]).filter(|e| e.expires_at > now)
     }
@@ -329,9 +345,9 @@ impl Shard {
             .is_some_and(|e| e.generation == generation && !matches!(e.state, State::Vacant))
     }
 
-    fn insert(&mut self, key: StoreKey, expires_at: Ticks, state: State) {
+    fn insert(&mut self, key: Hashed<'_>, expires_at: Ticks, state: State) {
         let slot = Slot {
-            key,
+            key: *key.key,
             expires_at,
             generation: 0,
             size: size_u32(ENTRY_OVERHEAD),
@@ -355,7 +371,7 @@ impl Shard {
                 u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
             }
         };
-        let short = self.short_hash(&key);
+        let short = key.short();
         self.table
             .insert_unique(spread(short), (idx, short), |&(_, h)| spread(h));
         self.bytes += ENTRY_OVERHEAD;
@@ -364,7 +380,8 @@ impl Shard {
     }
 
     fn remove_at(&mut self, idx: usize) {
-        let short = self.short_hash(&self.slots[idx].key);
+        // Removals (release, expiry, eviction) hash the key again.
+        let short = self.seed.hash(&self.slots[idx].key) as u32;
         if let Ok(entry) = self
             .table
             .find_entry(spread(short), |&(i, _)| i as usize == idx)
@@ -444,7 +461,7 @@ impl Shard {
     }
 
     /// The held lock on `key`, if `token` holds it and it is live.
-    fn held(&mut self, key: &StoreKey, token: &LockToken, now: Ticks) -> Option<usize> {
+    fn held(&mut self, key: Hashed<'_>, token: &LockToken, now: Ticks) -> Option<usize> {
         let idx = self.find(key)?;
         let e = &self.slots[idx];
         let held =
@@ -463,6 +480,7 @@ impl Store for MemoryStore {
     ) -> Result<Begin, StoreError> {
         let now = self.now();
         let limits = self.shard_limits();
+        let key = self.hashed(key);
         let mut shard = self.shard(key);
         if let Some(idx) = shard.find(key) {
             let e = &shard.slots[idx];
@@ -487,7 +505,7 @@ impl Store for MemoryStore {
         shard.make_room(ENTRY_OVERHEAD, now, limits, None)?;
         let token = LockToken::new();
         shard.insert(
-            *key,
+            key,
             now.saturating_add(ticks(lease)),
             State::InFlight(Box::new(Lock {
                 token,
@@ -510,6 +528,7 @@ impl Store for MemoryStore {
         // Encoded before the shard is locked.
         let buf = record.to_compact();
         let size = ENTRY_OVERHEAD + buf.len();
+        let key = self.hashed(key);
         let mut shard = self.shard(key);
         let Some(idx) = shard.held(key, token, now) else {
             return Ok(false);
@@ -535,6 +554,7 @@ impl Store for MemoryStore {
 
     async fn release(&self, key: &StoreKey, token: &LockToken) -> Result<bool, StoreError> {
         let now = self.now();
+        let key = self.hashed(key);
         let mut shard = self.shard(key);
         let held = shard.held(key, token, now);
         if let Some(idx) = held {
@@ -550,6 +570,7 @@ impl Store for MemoryStore {
         lease: Duration,
     ) -> Result<bool, StoreError> {
         let now = self.now();
+        let key = self.hashed(key);
         let mut shard = self.shard(key);
         let held = shard.held(key, token, now);
         if let Some(idx) = held {
@@ -561,6 +582,7 @@ impl Store for MemoryStore {
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
         let now = Instant::now();
         let (notified, until) = {
+            let key = self.hashed(key);
             let mut shard = self.shard(key);
             let Some(e) = shard.live(key, ticks(now.saturating_duration_since(self.inner.epoch)))
             else {
