@@ -11,8 +11,7 @@ use tower_layer::Layer;
 
 use crate::fingerprint::FingerprintConfig;
 use crate::key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
-use crate::service::Idempotency;
-use crate::service::Shared;
+use crate::service::{Idempotency, Shared};
 use crate::store::{Store, StoreKey};
 
 /// What a duplicate gets while the first request with its key still runs.

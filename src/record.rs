@@ -383,13 +383,10 @@ impl Reader {
             created_at_ms,
             status,
             headers: headers.into(),
-            trailers: if trailers.is_empty() {
-                None
-            } else {
-                Some(trailers.into())
-            },
+            trailers: None,
             body: Bytes::new(),
-        })
+        }
+        .with_trailers(trailers))
     }
     fn fingerprint(&mut self) -> Result<Fingerprint, DecodeError> {
         self.need(32)?;

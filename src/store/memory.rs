@@ -132,6 +132,17 @@ enum State {
     Completed(Bytes),
 }
 
+impl Slot {
+    /// Replaces the state; a lock that ends wakes whoever waits on it.
+    fn set_state(&mut self, state: State) {
+        if let State::InFlight(lock) = std::mem::replace(&mut self.state, state)
+            && let Some(waiters) = &lock.waiters
+        {
+            waiters.notify_waiters();
+        }
+    }
+}
+
 struct Lock {
     token: LockToken,
     // Only a lock needs its own copy: a record carries the fingerprint.
@@ -256,7 +267,11 @@ impl MemoryStore {
     }
 
     fn now(&self) -> Ticks {
-        ticks(Instant::now().saturating_duration_since(self.inner.epoch))
+        self.ticks_at(Instant::now())
+    }
+
+    fn ticks_at(&self, at: Instant) -> Ticks {
+        ticks(at.saturating_duration_since(self.inner.epoch))
     }
 
     fn hashed<'a>(&self, key: &'a StoreKey) -> Hashed<'a> {
@@ -389,11 +404,7 @@ impl Shard {
             entry.remove();
         }
         let slot = &mut self.slots[idx];
-        if let State::InFlight(lock) = std::mem::replace(&mut slot.state, State::Vacant)
-            && let Some(waiters) = &lock.waiters
-        {
-            waiters.notify_waiters();
-        }
+        slot.set_state(State::Vacant);
         slot.generation = slot.generation.wrapping_add(1);
         self.bytes -= slot.size as usize;
         slot.size = 0;
@@ -461,7 +472,7 @@ impl Shard {
     }
 
     /// The held lock on `key`, if `token` holds it and it is live.
-    fn held(&mut self, key: Hashed<'_>, token: &LockToken, now: Ticks) -> Option<usize> {
+    fn held(&self, key: Hashed<'_>, token: &LockToken, now: Ticks) -> Option<usize> {
         let idx = self.find(key)?;
         let e = &self.slots[idx];
         let held =
@@ -479,7 +490,6 @@ impl Store for MemoryStore {
         lease: Duration,
     ) -> Result<Begin, StoreError> {
         let now = self.now();
-        let limits = self.shard_limits();
         let key = self.hashed(key);
         let mut shard = self.shard(key);
         if let Some(idx) = shard.find(key) {
@@ -502,7 +512,7 @@ impl Store for MemoryStore {
         // shard is only tried: it may be this one).
         self.sweep_other(key, now);
         shard.sweep(now, SWEEP_PER_OP);
-        shard.make_room(ENTRY_OVERHEAD, now, limits, None)?;
+        shard.make_room(ENTRY_OVERHEAD, now, self.shard_limits(), None)?;
         let token = LockToken::new();
         shard.insert(
             key,
@@ -535,11 +545,7 @@ impl Store for MemoryStore {
         };
         let e = &mut shard.slots[idx];
         let old = e.size as usize;
-        if let State::InFlight(lock) = std::mem::replace(&mut e.state, State::Completed(buf))
-            && let Some(waiters) = &lock.waiters
-        {
-            waiters.notify_waiters();
-        }
+        e.set_state(State::Completed(buf));
         e.expires_at = now.saturating_add(ticks(ttl));
         e.size = size_u32(size);
         let new = e.size as usize;
@@ -584,8 +590,7 @@ impl Store for MemoryStore {
         let (notified, until) = {
             let key = self.hashed(key);
             let mut shard = self.shard(key);
-            let Some(e) = shard.live(key, ticks(now.saturating_duration_since(self.inner.epoch)))
-            else {
+            let Some(e) = shard.live(key, self.ticks_at(now)) else {
                 return Ok(());
             };
             let State::InFlight(lock) = &mut e.state else {
