@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use axum::http::StatusCode;
-use common::{Counter, call_post, post_req, problem, send};
+use common::{Counter, call_post, post_req, problem, scan, send};
 use tower_idempotency::store::redis::{RedisStore, driver};
 use tower_idempotency::test_util::{random_key, sample_record};
 use tower_idempotency::{Begin, Fingerprint, IdempotencyLayer, Record, Store, StoreError};
@@ -412,30 +412,6 @@ fn key_slot_matches_redis() {
     assert_eq!(key_slot(b"foo"), 12182);
     assert_eq!(key_slot(b"{foo}.bar"), 12182);
     assert_ne!(key_slot(b"{}foo"), key_slot(b"foo"));
-}
-
-async fn scan(conn: &mut driver::aio::MultiplexedConnection, prefix: &str) -> Vec<String> {
-    let mut cursor = 0u64;
-    let mut keys = Vec::new();
-    loop {
-        let (next, batch): (u64, Vec<String>) = driver::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await
-            .unwrap();
-        keys.extend(batch);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-    keys.sort();
-    keys.dedup();
-    keys
 }
 
 #[tokio::test]

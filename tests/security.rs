@@ -92,30 +92,7 @@ async fn redis_keeps_neither_key_nor_scope() {
 
     let client = tower_idempotency::store::redis::driver::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    // SCAN, not KEYS: one KEYS over a server holding millions of keys
-    // outlasts the client's response timeout.
-    let mut keys: Vec<String> = Vec::new();
-    let mut cursor = 0u64;
-    loop {
-        let (next, batch): (u64, Vec<String>) =
-            tower_idempotency::store::redis::driver::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{prefix}*"))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-        keys.extend(batch);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-    // SCAN may return a key twice.
-    keys.sort();
-    keys.dedup();
+    let keys = scan(&mut conn, &prefix).await;
     assert_eq!(keys.len(), 2, "{keys:?}");
     for key in keys {
         assert_clean("a Redis key name", key.as_bytes());

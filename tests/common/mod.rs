@@ -141,3 +141,35 @@ pub fn problem_type(v: &serde_json::Value) -> String {
 pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
+
+/// Every Redis key under `prefix`, sorted, each once. SCAN, not KEYS: one
+/// KEYS over a server holding millions of keys outlasts the client's
+/// response timeout, and SCAN may return a key twice.
+#[cfg(feature = "redis")]
+pub async fn scan(
+    conn: &mut tower_idempotency::store::redis::driver::aio::MultiplexedConnection,
+    prefix: &str,
+) -> Vec<String> {
+    let mut cursor = 0u64;
+    let mut keys = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) =
+            tower_idempotency::store::redis::driver::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(conn)
+                .await
+                .unwrap();
+        keys.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    keys.sort();
+    keys.dedup();
+    keys
+}
