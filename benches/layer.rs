@@ -94,6 +94,18 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
+/// Sends `req` through `svc` and reads the whole response body.
+async fn drain<S, B>(svc: S, req: Request<http_body_util::Full<Bytes>>)
+where
+    S: tower::Service<Request<http_body_util::Full<Bytes>>, Response = axum::http::Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let res = svc.oneshot(req).await.unwrap();
+    std::hint::black_box(res.into_body().collect().await.unwrap().to_bytes());
+}
+
 /// The same without axum: a plain Tower stack around a `service_fn`, so the
 /// layer's own cost is all that differs from the bare service.
 fn tower_stack(c: &mut Criterion) {
@@ -145,49 +157,24 @@ fn tower_stack(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("tower_stack_1k");
     g.bench_function("bare_get", |b| {
-        b.to_async(&rt).iter(|| async {
-            let res = handler.oneshot(req(Method::GET, None)).await.unwrap();
-            std::hint::black_box(res.into_body().collect().await.unwrap().to_bytes());
-        })
+        b.to_async(&rt)
+            .iter(|| drain(handler, req(Method::GET, None)))
     });
     g.bench_function("layer_get_passthrough", |b| {
-        b.to_async(&rt).iter(|| async {
-            let res = layered
-                .clone()
-                .oneshot(req(Method::GET, None))
-                .await
-                .unwrap();
-            std::hint::black_box(res.into_body().collect().await.unwrap().to_bytes());
-        })
+        b.to_async(&rt)
+            .iter(|| drain(layered.clone(), req(Method::GET, None)))
     });
     g.bench_function("bare_post", |b| {
-        b.to_async(&rt).iter(|| async {
-            let res = handler
-                .oneshot(req(Method::POST, Some(&fresh())))
-                .await
-                .unwrap();
-            std::hint::black_box(res.into_body().collect().await.unwrap().to_bytes());
-        })
+        b.to_async(&rt)
+            .iter(|| drain(handler, req(Method::POST, Some(&fresh()))))
     });
     g.bench_function("layer_first_post", |b| {
-        b.to_async(&rt).iter(|| async {
-            let res = layered
-                .clone()
-                .oneshot(req(Method::POST, Some(&fresh())))
-                .await
-                .unwrap();
-            std::hint::black_box(res.into_body().collect().await.unwrap().to_bytes());
-        })
+        b.to_async(&rt)
+            .iter(|| drain(layered.clone(), req(Method::POST, Some(&fresh()))))
     });
     g.bench_function("layer_replay", |b| {
-        b.to_async(&rt).iter(|| async {
-            let res = layered
-                .clone()
-                .oneshot(req(Method::POST, Some("replayed")))
-                .await
-                .unwrap();
-            std::hint::black_box(res.into_body().collect().await.unwrap().to_bytes());
-        })
+        b.to_async(&rt)
+            .iter(|| drain(layered.clone(), req(Method::POST, Some("replayed"))))
     });
     g.finish();
 }

@@ -25,6 +25,38 @@ fn live() -> isize {
     s.bytes_allocated as isize - s.bytes_deallocated as isize
 }
 
+/// begin+complete per second on fresh keys, `per_thread` on each of
+/// `threads` tasks.
+async fn rate(store: &Arc<MemoryStore>, fp: Fingerprint, threads: usize, per_thread: usize) -> f64 {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..threads)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let record =
+                    Record::response(fp, StatusCode::CREATED, vec![], Bytes::from_static(b"{}"));
+                for _ in 0..per_thread {
+                    let key = random_key();
+                    if let Begin::Acquired(token) = store
+                        .begin(&key, &fp, Duration::from_secs(30))
+                        .await
+                        .unwrap()
+                    {
+                        store
+                            .complete(&key, &token, &record, Duration::from_secs(3600))
+                            .await
+                            .unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (per_thread * threads) as f64 / started.elapsed().as_secs_f64()
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -81,26 +113,7 @@ fn main() {
         for threads in [1usize, 2] {
             let mut rates = Vec::new();
             for _ in 0..5 {
-                let per_thread = 100_000 / threads;
-                let started = Instant::now();
-                let tasks: Vec<_> = (0..threads)
-                    .map(|_| {
-                        let store = store.clone();
-                        tokio::spawn(async move {
-                            let record = Record::response(fp, StatusCode::CREATED, vec![], Bytes::from_static(b"{}"));
-                            for _ in 0..per_thread {
-                                let key = random_key();
-                                if let Begin::Acquired(token) = store.begin(&key, &fp, Duration::from_secs(30)).await.unwrap() {
-                                    store.complete(&key, &token, &record, Duration::from_secs(3600)).await.unwrap();
-                                }
-                            }
-                        })
-                    })
-                    .collect();
-                for t in tasks {
-                    t.await.unwrap();
-                }
-                rates.push((per_thread * threads) as f64 / started.elapsed().as_secs_f64());
+                rates.push(rate(&store, fp, threads, 100_000 / threads).await);
             }
             rates.sort_by(f64::total_cmp);
             println!(
