@@ -7,8 +7,10 @@
 //! valgrind --tool=callgrind target/release/deps/hotpath-<hash> first 20000
 //! ```
 //!
-//! Scenarios: `bare` (no layer), `noop` (a layer that does nothing, GET),
-//! `get` (passthrough), `first` (a fresh key each time), `replay`.
+//! Scenarios: `bare` (no layer, POST), `bare-get` (no layer, GET), `noop`
+//! (a layer that does nothing, GET), `get` (passthrough), `first` (a fresh
+//! key each time), `replay`; `outer-noop-get` and `outer-get` apply the layer
+//! around the whole router instead of inside it.
 
 #![allow(clippy::unwrap_used)]
 
@@ -16,11 +18,13 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
+use axum::http::Response;
 use axum::http::{Method, Request, StatusCode};
 use axum::routing::post;
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use tower::ServiceExt;
+use tower::util::MapRequestLayer;
+use tower::{Layer, Service, ServiceExt};
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
 async fn handler(body: Bytes) -> (StatusCode, Bytes) {
@@ -40,29 +44,26 @@ fn request(method: Method, key: &str, body: &Bytes) -> Request<Body> {
         .unwrap()
 }
 
-async fn run(app: &Router, req: Request<Body>) {
+async fn run<S, B>(app: &S, req: Request<Body>)
+where
+    S: Service<Request<Body>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
     let res = app.clone().oneshot(req).await.unwrap();
     std::hint::black_box(res.into_body().collect().await.unwrap().to_bytes());
 }
 
-async fn scenario(name: &str, n: u64) -> f64 {
+async fn drive<S, B>(app: S, name: &str, n: u64) -> f64
+where
+    S: Service<Request<Body>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
     let body = Bytes::from(vec![b'x'; 1024]);
-    let routes = Router::new().route("/orders", post(handler).get(handler));
-    // Built once, as `axum::serve` does, not on every request.
-    let app: Router = if name == "bare" {
-        routes
-    } else if name == "noop" {
-        // Any middleware at all: a layer that changes nothing.
-        routes.layer(tower::util::MapRequestLayer::new(|r: Request<Body>| r))
-    } else {
-        routes.layer(IdempotencyLayer::new(
-            MemoryStore::new()
-                .with_max_entries(4_000_000)
-                .with_max_bytes(8 << 30),
-        ))
-    };
-    let app = app.with_state(());
-    let method = if name == "get" {
+    let method = if name.ends_with("get") || name == "noop" {
         Method::GET
     } else {
         Method::POST
@@ -77,6 +78,38 @@ async fn scenario(name: &str, n: u64) -> f64 {
     started.elapsed().as_nanos() as f64 / n as f64
 }
 
+fn store() -> MemoryStore {
+    MemoryStore::new()
+        .with_max_entries(4_000_000)
+        .with_max_bytes(8 << 30)
+}
+
+async fn scenario(name: &str, n: u64) -> f64 {
+    let routes = Router::new().route("/orders", post(handler).get(handler));
+    // Built once, as `axum::serve` does, not on every request.
+    match name {
+        "bare" | "bare-get" => drive(routes.with_state(()), name, n).await,
+        // Any middleware at all: a layer that changes nothing.
+        "noop" => {
+            let app = routes.layer(MapRequestLayer::new(|r: Request<Body>| r));
+            drive(app.with_state(()), name, n).await
+        }
+        // The layer around the whole router instead of inside it.
+        "outer-noop-get" => {
+            let app = MapRequestLayer::new(|r: Request<Body>| r).layer(routes.with_state(()));
+            drive(app, name, n).await
+        }
+        "outer-get" => {
+            let app = IdempotencyLayer::new(store()).layer(routes.with_state(()));
+            drive(app, name, n).await
+        }
+        _ => {
+            let app = routes.layer(IdempotencyLayer::new(store()));
+            drive(app.with_state(()), name, n).await
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -89,9 +122,18 @@ fn main() {
     let (names, n) = match args.as_slice() {
         [name, n] => (vec![name.clone()], n.parse().unwrap()),
         _ => (
-            ["bare", "get", "first", "replay"]
-                .map(String::from)
-                .to_vec(),
+            [
+                "bare",
+                "bare-get",
+                "noop",
+                "get",
+                "outer-noop-get",
+                "outer-get",
+                "first",
+                "replay",
+            ]
+            .map(String::from)
+            .to_vec(),
             50_000,
         ),
     };

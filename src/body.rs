@@ -96,6 +96,143 @@ impl<B: Body> ResponseBody<B> {
     }
 }
 
+impl<B: Body> ResponseBody<B> {
+    /// The inner service's body, if this one passes it through unchanged;
+    /// otherwise `self` back. For implementing
+    /// `From<ResponseBody<B>> for B`, which [`KeepBody`] needs:
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http_body_util::{BodyExt, combinators::BoxBody};
+    /// use tower_idempotency::ResponseBody;
+    ///
+    /// struct MyBody(BoxBody<Bytes, std::io::Error>);
+    /// # impl http_body::Body for MyBody {
+    /// #     type Data = Bytes;
+    /// #     type Error = std::io::Error;
+    /// #     fn poll_frame(
+    /// #         self: std::pin::Pin<&mut Self>,
+    /// #         cx: &mut std::task::Context<'_>,
+    /// #     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+    /// #         std::pin::Pin::new(&mut self.get_mut().0).poll_frame(cx)
+    /// #     }
+    /// # }
+    ///
+    /// impl From<ResponseBody<MyBody>> for MyBody {
+    ///     fn from(body: ResponseBody<MyBody>) -> Self {
+    ///         body.into_inner().unwrap_or_else(|body| MyBody(body.boxed()))
+    ///     }
+    /// }
+    /// ```
+    pub fn into_inner(self) -> Result<B, Self> {
+        match self.kind {
+            Kind::Stream { body } => Ok(body),
+            kind => Err(Self { kind }),
+        }
+    }
+}
+
+/// How [`Idempotency`](crate::Idempotency) hands out response bodies: the
+/// mode parameter of the layer and the service, [`WrapBody`] (the default)
+/// or [`KeepBody`] (chosen with
+/// [`IdempotencyLayer::keep_body_type`](crate::IdempotencyLayer::keep_body_type)).
+///
+/// Sealed: only this crate implements it.
+pub trait BodyMode<B: Body>: sealed::Sealed {
+    /// The response body type of the service.
+    type Body;
+
+    /// A response of the inner service that the layer does not touch.
+    #[doc(hidden)]
+    fn passthrough(body: B) -> Self::Body;
+
+    /// A response the layer made, recorded, replayed or passed on.
+    #[doc(hidden)]
+    fn wrap(body: ResponseBody<B>) -> Self::Body;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for super::WrapBody {}
+    impl Sealed for super::KeepBody {}
+}
+
+/// The default [`BodyMode`]: every response body is a [`ResponseBody`]
+/// around the inner service's body type, whatever that type is.
+#[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
+pub struct WrapBody;
+
+/// The [`BodyMode`] that keeps the inner service's response body type `B`:
+/// a response the layer does not touch is handed on as it is, and one the
+/// layer made becomes a `B` through `From<ResponseBody<B>>`.
+///
+/// This crate implements that conversion for axum's `Body` (feature `axum`)
+/// and for `http_body_util`'s `BoxBody` and `UnsyncBoxBody` over [`Bytes`];
+/// for a body type of your own, implement it with
+/// [`ResponseBody::into_inner`].
+///
+/// Under axum's `Router::layer` this saves a second boxing of every response
+/// body, and it lets the layer sit where a service must answer with one
+/// named body type.
+#[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
+pub struct KeepBody;
+
+impl<B: Body> BodyMode<B> for WrapBody {
+    type Body = ResponseBody<B>;
+
+    fn passthrough(body: B) -> ResponseBody<B> {
+        ResponseBody::stream(body)
+    }
+
+    fn wrap(body: ResponseBody<B>) -> ResponseBody<B> {
+        body
+    }
+}
+
+impl<B> BodyMode<B> for KeepBody
+where
+    B: Body + From<ResponseBody<B>>,
+{
+    type Body = B;
+
+    fn passthrough(body: B) -> B {
+        body
+    }
+
+    fn wrap(body: ResponseBody<B>) -> B {
+        body.into_inner().unwrap_or_else(B::from)
+    }
+}
+
+#[cfg(feature = "axum")]
+impl From<ResponseBody<axum_core::body::Body>> for axum_core::body::Body {
+    fn from(body: ResponseBody<axum_core::body::Body>) -> Self {
+        body.into_inner().unwrap_or_else(Self::new)
+    }
+}
+
+impl<E> From<ResponseBody<http_body_util::combinators::BoxBody<Bytes, E>>>
+    for http_body_util::combinators::BoxBody<Bytes, E>
+where
+    E: Send + Sync + 'static,
+{
+    fn from(body: ResponseBody<http_body_util::combinators::BoxBody<Bytes, E>>) -> Self {
+        body.into_inner().unwrap_or_else(|body| body.boxed())
+    }
+}
+
+impl<E> From<ResponseBody<http_body_util::combinators::UnsyncBoxBody<Bytes, E>>>
+    for http_body_util::combinators::UnsyncBoxBody<Bytes, E>
+where
+    E: Send + 'static,
+{
+    fn from(body: ResponseBody<http_body_util::combinators::UnsyncBoxBody<Bytes, E>>) -> Self {
+        body.into_inner().unwrap_or_else(|body| body.boxed_unsync())
+    }
+}
+
 fn to_bytes<D: Buf, E>(
     poll: Poll<Option<Result<Frame<D>, E>>>,
 ) -> Poll<Option<Result<Frame<Bytes>, E>>> {

@@ -4,6 +4,7 @@
 use std::any::Any;
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -12,7 +13,7 @@ use http::Response;
 use http_body::Body;
 use pin_project_lite::pin_project;
 
-use crate::body::ResponseBody;
+use crate::body::{BodyMode, ResponseBody, WrapBody};
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
@@ -22,12 +23,13 @@ pin_project! {
     /// A request the layer does not cover is the inner future, unboxed; a
     /// covered one is a boxed future that reads the body, consults the store
     /// and runs the handler.
-    pub struct ResponseFuture<F, B, E>
+    pub struct ResponseFuture<F, B, E, M = WrapBody>
     where
         B: Body,
     {
         #[pin]
         kind: Kind<F, B, E>,
+        mode: PhantomData<fn() -> M>,
     }
 }
 
@@ -53,7 +55,7 @@ pin_project! {
     }
 }
 
-impl<F, B: Body, E> fmt::Debug for ResponseFuture<F, B, E> {
+impl<F, B: Body, E, M> fmt::Debug for ResponseFuture<F, B, E, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let name = match &self.kind {
             Kind::Passthrough { .. } => "Passthrough",
@@ -64,10 +66,11 @@ impl<F, B: Body, E> fmt::Debug for ResponseFuture<F, B, E> {
     }
 }
 
-impl<F, B: Body, E> ResponseFuture<F, B, E> {
+impl<F, B: Body, E, M> ResponseFuture<F, B, E, M> {
     pub(crate) fn passthrough(fut: F) -> Self {
         Self {
             kind: Kind::Passthrough { fut },
+            mode: PhantomData,
         }
     }
 
@@ -76,34 +79,40 @@ impl<F, B: Body, E> ResponseFuture<F, B, E> {
             kind: Kind::Ready {
                 res: Some(Box::new(res)),
             },
+            mode: PhantomData,
         }
     }
 
     pub(crate) fn covered(fut: Detached<Result<Response<ResponseBody<B>>, E>>) -> Self {
         Self {
             kind: Kind::Covered { fut },
+            mode: PhantomData,
         }
     }
 }
 
-impl<F, B, E> Future for ResponseFuture<F, B, E>
+impl<F, B, E, M> Future for ResponseFuture<F, B, E, M>
 where
     F: Future<Output = Result<Response<B>, E>>,
     B: Body,
+    M: BodyMode<B>,
 {
-    type Output = Result<Response<ResponseBody<B>>, E>;
+    type Output = Result<Response<M::Body>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
             KindProj::Passthrough { fut } => {
                 let res = ready!(fut.poll(cx))?;
-                Poll::Ready(Ok(res.map(ResponseBody::stream)))
+                Poll::Ready(Ok(res.map(M::passthrough)))
             }
             KindProj::Ready { res } => match res.take() {
-                Some(res) => Poll::Ready(Ok(*res)),
+                Some(res) => Poll::Ready(Ok((*res).map(M::wrap))),
                 None => Poll::Pending,
             },
-            KindProj::Covered { fut } => fut.poll(cx),
+            KindProj::Covered { fut } => {
+                let res = ready!(fut.poll(cx))?;
+                Poll::Ready(Ok(res.map(M::wrap)))
+            }
         }
     }
 }

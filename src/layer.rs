@@ -1,6 +1,7 @@
 //! [`IdempotencyLayer`] and its configuration.
 
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use http::{HeaderName, Method, StatusCode};
 use sha2::{Digest, Sha256};
 use tower_layer::Layer;
 
+use crate::body::{KeepBody, WrapBody};
 use crate::fingerprint::FingerprintConfig;
 use crate::key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
 use crate::service::{Idempotency, Shared};
@@ -166,15 +168,25 @@ impl Config {
 /// | [`with_replayed_header`](Self::with_replayed_header) | `Idempotent-Replayed: true` |
 /// | [`with_store_timeout`](Self::with_store_timeout) | 2 seconds per store call |
 /// | [`with_complete_retries`](Self::with_complete_retries) | 8 background retries of a failed record write |
-#[derive(Clone)]
+/// | [`keep_body_type`](Self::keep_body_type) | off: response bodies are [`ResponseBody`](crate::ResponseBody) ([`WrapBody`]) |
 #[must_use]
-pub struct IdempotencyLayer {
+pub struct IdempotencyLayer<M = WrapBody> {
     /// The store and the settings, shared with every service made from
     /// this layer: making one (axum does it per route) is a reference count.
     pub(crate) shared: Arc<Shared>,
+    mode: PhantomData<fn() -> M>,
 }
 
-impl fmt::Debug for IdempotencyLayer {
+impl<M> Clone for IdempotencyLayer<M> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            mode: PhantomData,
+        }
+    }
+}
+
+impl<M> fmt::Debug for IdempotencyLayer<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.shared.config;
         f.debug_struct("IdempotencyLayer")
@@ -205,6 +217,34 @@ impl IdempotencyLayer {
                 store,
                 config: Config::default(),
             }),
+            mode: PhantomData,
+        }
+    }
+}
+
+impl<M> IdempotencyLayer<M> {
+    /// Keeps the inner service's response body type instead of wrapping it
+    /// in [`ResponseBody`](crate::ResponseBody): see [`KeepBody`]. The
+    /// inner body type must implement `From<ResponseBody<B>>`, as axum's
+    /// `Body` does with the `axum` feature.
+    ///
+    /// Under axum's `Router::layer` this spares every response a second
+    /// boxing (axum boxes any body type but its own).
+    ///
+    /// ```
+    /// # #[cfg(feature = "axum")] {
+    /// use axum::{Router, routing::post};
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// let app: Router = Router::new()
+    ///     .route("/orders", post(|| async { "created" }))
+    ///     .layer(IdempotencyLayer::new(MemoryStore::new()).keep_body_type());
+    /// # }
+    /// ```
+    pub fn keep_body_type(self) -> IdempotencyLayer<KeepBody> {
+        IdempotencyLayer {
+            shared: self.shared,
+            mode: PhantomData,
         }
     }
 
@@ -345,13 +385,14 @@ impl IdempotencyLayer {
     }
 }
 
-impl<S> Layer<S> for IdempotencyLayer {
-    type Service = Idempotency<S>;
+impl<S, M> Layer<S> for IdempotencyLayer<M> {
+    type Service = Idempotency<S, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
         Idempotency {
             inner,
             shared: self.shared.clone(),
+            mode: PhantomData,
         }
     }
 }

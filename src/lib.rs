@@ -160,7 +160,7 @@ pub mod test_util;
 #[cfg(test)]
 mod test_helpers;
 
-pub use body::{RequestBody, ResponseBody};
+pub use body::{BodyMode, KeepBody, RequestBody, ResponseBody, WrapBody};
 #[cfg(feature = "client")]
 #[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub use client::{IdempotentClient, IdempotentClientLayer};

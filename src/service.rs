@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -13,7 +14,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 use tracing::Instrument;
 
-use crate::body::{Collected, ResponseBody, collect};
+use crate::body::{BodyMode, Collected, ResponseBody, WrapBody, collect};
 use crate::fingerprint::Fingerprint;
 use crate::future::{CatchUnwind, Detached, ResponseFuture};
 use crate::key::{IdempotencyKey, KeyError, key_from_headers};
@@ -28,9 +29,13 @@ use crate::store::{Begin, LockToken, Store, StoreError, StoreKey};
 ///
 /// The error type is the inner service's: every decision the layer makes is
 /// a response, so the service drops into axum's `Router::layer` as it is.
-pub struct Idempotency<S> {
+/// The response body type is chosen by the mode `M`: [`ResponseBody`]
+/// around the inner body ([`WrapBody`], the default), or the inner body type
+/// itself ([`KeepBody`](crate::KeepBody)).
+pub struct Idempotency<S, M = WrapBody> {
     pub(crate) inner: S,
     pub(crate) shared: Arc<Shared>,
+    pub(crate) mode: PhantomData<fn() -> M>,
 }
 
 /// What every request of one service shares: the store and the settings,
@@ -41,16 +46,17 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
 }
 
-impl<S: Clone> Clone for Idempotency<S> {
+impl<S: Clone, M> Clone for Idempotency<S, M> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
+            mode: PhantomData,
         }
     }
 }
 
-impl<S: fmt::Debug> fmt::Debug for Idempotency<S> {
+impl<S: fmt::Debug, M> fmt::Debug for Idempotency<S, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Idempotency")
             .field("inner", &self.inner)
@@ -58,7 +64,7 @@ impl<S: fmt::Debug> fmt::Debug for Idempotency<S> {
     }
 }
 
-impl<S> Idempotency<S> {
+impl<S, M> Idempotency<S, M> {
     /// A reference to the inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -82,8 +88,9 @@ fn reject<B: Body>(rejection: Rejection, outcome: Outcome) -> Response<ResponseB
     mark(res, outcome)
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S>
+impl<S, M, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S, M>
 where
+    M: BodyMode<ResBody>,
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
@@ -94,9 +101,9 @@ where
     ResBody::Data: Send,
     ResBody::Error: Send,
 {
-    type Response = Response<ResponseBody<ResBody>>;
+    type Response = Response<M::Body>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error, M>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
