@@ -209,7 +209,10 @@ where
 #[cfg(feature = "axum")]
 impl From<ResponseBody<axum_core::body::Body>> for axum_core::body::Body {
     fn from(body: ResponseBody<axum_core::body::Body>) -> Self {
-        body.into_inner().unwrap_or_else(Self::new)
+        match body.into_inner() {
+            Ok(inner) => inner,
+            Err(body) => Self::new(body),
+        }
     }
 }
 
