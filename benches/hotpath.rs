@@ -10,7 +10,8 @@
 //! Scenarios: `bare` (no layer, POST), `bare-get` (no layer, GET), `noop`
 //! (a layer that does nothing, GET), `get` (passthrough), `first` (a fresh
 //! key each time), `replay`; `outer-noop-get` and `outer-get` apply the layer
-//! around the whole router instead of inside it.
+//! around the whole router instead of inside it; a `-keep` suffix runs a
+//! layer scenario with `keep_body_type` (feature `axum`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -63,7 +64,8 @@ where
     B::Error: std::fmt::Debug,
 {
     let body = Bytes::from(vec![b'x'; 1024]);
-    let method = if name.ends_with("get") || name == "noop" {
+    let base = name.strip_suffix("-keep").unwrap_or(name);
+    let method = if base.ends_with("get") || base == "noop" {
         Method::GET
     } else {
         Method::POST
@@ -72,7 +74,7 @@ where
     run(&app, request(Method::POST, "replayed", &body)).await;
     let started = Instant::now();
     for key in &keys {
-        let key = if name == "replay" { "replayed" } else { key };
+        let key = if base == "replay" { "replayed" } else { key };
         run(&app, request(method.clone(), key, &body)).await;
     }
     started.elapsed().as_nanos() as f64 / n as f64
@@ -86,25 +88,33 @@ fn store() -> MemoryStore {
 
 async fn scenario(name: &str, n: u64) -> f64 {
     let routes = Router::new().route("/orders", post(handler).get(handler));
+    let layer = IdempotencyLayer::new(store());
+    // `-keep`: the same with `keep_body_type`.
+    let (base, keep) = match name.strip_suffix("-keep") {
+        Some(base) => (base, true),
+        None => (name, false),
+    };
     // Built once, as `axum::serve` does, not on every request.
-    match name {
-        "bare" | "bare-get" => drive(routes.with_state(()), name, n).await,
+    match (base, keep) {
+        ("bare" | "bare-get", _) => drive(routes.with_state(()), name, n).await,
         // Any middleware at all: a layer that changes nothing.
-        "noop" => {
+        ("noop", _) => {
             let app = routes.layer(MapRequestLayer::new(|r: Request<Body>| r));
             drive(app.with_state(()), name, n).await
         }
         // The layer around the whole router instead of inside it.
-        "outer-noop-get" => {
+        ("outer-noop-get", _) => {
             let app = MapRequestLayer::new(|r: Request<Body>| r).layer(routes.with_state(()));
             drive(app, name, n).await
         }
-        "outer-get" => {
-            let app = IdempotencyLayer::new(store()).layer(routes.with_state(()));
+        ("outer-get", false) => drive(layer.layer(routes.with_state(())), name, n).await,
+        ("outer-get", true) => {
+            let app = layer.keep_body_type().layer(routes.with_state(()));
             drive(app, name, n).await
         }
-        _ => {
-            let app = routes.layer(IdempotencyLayer::new(store()));
+        (_, false) => drive(routes.layer(layer).with_state(()), name, n).await,
+        (_, true) => {
+            let app = routes.layer(layer.keep_body_type());
             drive(app.with_state(()), name, n).await
         }
     }
@@ -129,8 +139,12 @@ fn main() {
                 "get",
                 "outer-noop-get",
                 "outer-get",
+                "get-keep",
+                "outer-get-keep",
                 "first",
+                "first-keep",
                 "replay",
+                "replay-keep",
             ]
             .map(String::from)
             .to_vec(),

@@ -236,6 +236,7 @@ where
     }
 }
 
+#[inline]
 fn to_bytes<D: Buf, E>(
     poll: Poll<Option<Result<Frame<D>, E>>>,
 ) -> Poll<Option<Result<Frame<Bytes>, E>>> {

@@ -123,6 +123,7 @@ impl Default for Config {
 }
 
 impl Config {
+    #[inline]
     pub(crate) fn covers(&self, method: &Method) -> bool {
         self.methods.iter().any(|m| m == method)
     }

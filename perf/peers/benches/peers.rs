@@ -5,6 +5,8 @@
 //! - `bare`: the router alone, the reference;
 //! - `tower_idempotency`: this crate, `MemoryStore` (2,000,000 entries,
 //!   4 GiB), default settings;
+//! - `tower_idempotency_keep`: the same with `keep_body_type()`, which
+//!   spares axum a second boxing of every response body;
 //! - `idempotent`: `idempotent` 2.0.0, its `MemoryStore` (an actor task),
 //!   default settings; the only other one that locks a key in flight;
 //! - `axum_idempotent_header` / `axum_idempotent_hash`: `axum-idempotent`
@@ -17,7 +19,8 @@
 //! Groups: `first` (a fresh key each iteration), `replay`, `conflict_409`
 //! (a duplicate of a request still running: the layers that lock),
 //! `get_passthrough` (a GET without a key, with a do-nothing layer for
-//! reference), all on a current-thread runtime; `mt_sequential_first` /
+//! reference, and both again around the whole router instead of inside
+//! it), all on a current-thread runtime; `mt_sequential_first` /
 //! `mt_sequential_replay` (one task on a 2-thread runtime, as a server runs
 //! a connection); and `concurrent64_first` / `concurrent64_replay` (64 tasks
 //! on a 2-thread runtime, throughput).
@@ -28,13 +31,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
-use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use axum::routing::post;
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -43,7 +47,7 @@ use ruts::store::Ttl;
 use ruts::store::moka::MokaStore;
 use ruts::{CookieOptions, Session, SessionLayer};
 use tokio::runtime::Runtime;
-use tower::ServiceExt;
+use tower::{Layer, Service, ServiceExt};
 use tower_cookies::CookieManagerLayer;
 
 /// Requests per `axum-idempotent` session in `first`: it caches every
@@ -102,6 +106,7 @@ fn routes() -> Router {
 enum Kind {
     Bare,
     Ours,
+    OursKeep,
     Idempotent,
     AxumIdemHeader,
     AxumIdemHash,
@@ -112,6 +117,7 @@ impl Kind {
         match self {
             Kind::Bare => "bare",
             Kind::Ours => "tower_idempotency",
+            Kind::OursKeep => "tower_idempotency_keep",
             Kind::Idempotent => "idempotent",
             Kind::AxumIdemHeader => "axum_idempotent_header",
             Kind::AxumIdemHash => "axum_idempotent_hash",
@@ -121,6 +127,13 @@ impl Kind {
     fn sessions(self) -> bool {
         matches!(self, Kind::AxumIdemHeader | Kind::AxumIdemHash)
     }
+}
+
+fn ours() -> tower_idempotency::IdempotencyLayer {
+    let store = tower_idempotency::MemoryStore::new()
+        .with_max_entries(2_000_000)
+        .with_max_bytes(4 << 30);
+    tower_idempotency::IdempotencyLayer::new(store)
 }
 
 /// The app for `kind`, its stores made on `rt` (the `idempotent` store
@@ -133,15 +146,16 @@ fn app(kind: Kind, rt: &Runtime, long_lease: bool) -> Router {
     let _guard = rt.enter();
     let app: Router = match kind {
         Kind::Bare => routes(),
-        Kind::Ours => {
-            let store = tower_idempotency::MemoryStore::new()
-                .with_max_entries(2_000_000)
-                .with_max_bytes(4 << 30);
-            let mut layer = tower_idempotency::IdempotencyLayer::new(store);
+        Kind::Ours | Kind::OursKeep => {
+            let mut layer = ours();
             if long_lease {
                 layer = layer.with_lease(Duration::from_secs(3600));
             }
-            routes().layer(layer)
+            if kind == Kind::OursKeep {
+                routes().layer(layer.keep_body_type())
+            } else {
+                routes().layer(layer)
+            }
         }
         Kind::Idempotent => {
             let store = idempotent::memory::MemoryStore::builder()
@@ -199,7 +213,10 @@ fn request(
 }
 
 /// Sends `req` and reads the whole response; the status.
-async fn run(app: &Router, req: Request<Body>) -> StatusCode {
+async fn run<S>(app: &S, req: Request<Body>) -> StatusCode
+where
+    S: Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone,
+{
     let res = app.clone().oneshot(req).await.unwrap();
     let status = res.status();
     let body = res.into_body().collect().await.unwrap().to_bytes();
@@ -266,6 +283,7 @@ fn single_thread(c: &mut Criterion) {
     let kinds = [
         Kind::Bare,
         Kind::Ours,
+        Kind::OursKeep,
         Kind::Idempotent,
         Kind::AxumIdemHeader,
         Kind::AxumIdemHash,
@@ -358,12 +376,26 @@ fn single_thread(c: &mut Criterion) {
                 .iter(|| run(app, request(Method::GET, None, cookie.as_ref(), &body)))
         });
     }
+    // The layer around the whole router (`Layer::layer(router)`, as for a
+    // `ServiceBuilder` stack) instead of inside it: axum adds nothing, so
+    // what is left is the layer's own cost.
+    let outer_noop =
+        tower::util::MapRequestLayer::new(|r: Request<Body>| r).layer(routes().with_state(()));
+    g.bench_function("around_router_noop_layer", |b| {
+        b.to_async(&rt)
+            .iter(|| run(&outer_noop, request(Method::GET, None, None, &body)))
+    });
+    let outer_ours = ours().keep_body_type().layer(routes().with_state(()));
+    g.bench_function("around_router_tower_idempotency_keep", |b| {
+        b.to_async(&rt)
+            .iter(|| run(&outer_ours, request(Method::GET, None, None, &body)))
+    });
     g.finish();
 
     // The layers that lock: a duplicate of a request that is still running.
     let mut g = c.benchmark_group("conflict_409");
     g.throughput(Throughput::Elements(1));
-    for kind in [Kind::Ours, Kind::Idempotent] {
+    for kind in [Kind::Ours, Kind::OursKeep, Kind::Idempotent] {
         let app = app(kind, &rt, true);
         let mut held = request(Method::POST, Some("held"), None, &body);
         held.headers_mut()
@@ -404,7 +436,7 @@ fn multi_thread_sequential(c: &mut Criterion) {
         };
         let mut g = c.benchmark_group(name);
         g.throughput(Throughput::Elements(1));
-        for kind in [Kind::Bare, Kind::Ours, Kind::Idempotent] {
+        for kind in [Kind::Bare, Kind::Ours, Kind::OursKeep, Kind::Idempotent] {
             if replay && kind == Kind::Bare {
                 continue;
             }
@@ -449,6 +481,7 @@ fn concurrent(c: &mut Criterion) {
     let kinds = [
         Kind::Bare,
         Kind::Ours,
+        Kind::OursKeep,
         Kind::Idempotent,
         Kind::AxumIdemHeader,
     ];
