@@ -5,6 +5,7 @@
 //! clients send a bare token (`Idempotency-Key: 8e03978e-40d5`). Both are
 //! accepted and name the same key.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -137,7 +138,9 @@ pub(crate) fn key_from_headers(
 /// ```
 pub fn parse_key(raw: &[u8], min_len: usize, max_len: usize) -> Result<IdempotencyKey, KeyError> {
     let trimmed = trim_ows(raw);
-    let key = if let Some(rest) = trimmed.strip_prefix(b"\"") {
+    // Borrowed unless escapes had to be undone: the key is copied once,
+    // into its `Arc`.
+    let key: Cow<'_, str> = if let Some(rest) = trimmed.strip_prefix(b"\"") {
         parse_sf_string(rest)?
     } else {
         if trimmed
@@ -147,7 +150,7 @@ pub fn parse_key(raw: &[u8], min_len: usize, max_len: usize) -> Result<Idempoten
             return Err(KeyError::Malformed);
         }
         // Visible ASCII only, so this never fails.
-        String::from_utf8(trimmed.to_vec()).map_err(|_| KeyError::Malformed)?
+        Cow::Borrowed(std::str::from_utf8(trimmed).map_err(|_| KeyError::Malformed)?)
     };
     if key.is_empty() {
         return Err(KeyError::Empty);
@@ -158,7 +161,7 @@ pub fn parse_key(raw: &[u8], min_len: usize, max_len: usize) -> Result<Idempoten
     if key.len() < min_len {
         return Err(KeyError::TooShort);
     }
-    Ok(IdempotencyKey(key.into()))
+    Ok(IdempotencyKey(Arc::from(&*key)))
 }
 
 fn trim_ows(mut b: &[u8]) -> &[u8] {
@@ -172,7 +175,27 @@ fn trim_ows(mut b: &[u8]) -> &[u8] {
 }
 
 /// RFC 8941 §4.2.5: the part after the opening quote.
-fn parse_sf_string(mut rest: &[u8]) -> Result<String, KeyError> {
+fn parse_sf_string(rest: &[u8]) -> Result<Cow<'_, str>, KeyError> {
+    // Without escapes (the usual case) the key is the bytes up to the
+    // closing quote, borrowed.
+    for (i, &c) in rest.iter().enumerate() {
+        match c {
+            b'"' if i + 1 == rest.len() => {
+                // Printable ASCII only, checked below: never fails.
+                return std::str::from_utf8(&rest[..i])
+                    .map(Cow::Borrowed)
+                    .map_err(|_| KeyError::Malformed);
+            }
+            b'"' => return Err(KeyError::Malformed), // bytes after the closing quote
+            b'\\' => return unescape(rest).map(Cow::Owned),
+            0x20..=0x7e => {}
+            _ => return Err(KeyError::Malformed),
+        }
+    }
+    Err(KeyError::Malformed)
+}
+
+fn unescape(mut rest: &[u8]) -> Result<String, KeyError> {
     let mut out = String::with_capacity(rest.len());
     loop {
         match rest {

@@ -61,7 +61,7 @@ pub struct Record {
     fingerprint: Fingerprint,
     created_at_ms: u64,
     status: StatusCode,
-    headers: Arc<[(HeaderName, HeaderValue)]>,
+    headers: Vec<(HeaderName, HeaderValue)>,
     /// `None` when there are none (most records): no shared empty list whose
     /// reference count every thread would write to.
     trailers: Option<Arc<[(HeaderName, HeaderValue)]>>,
@@ -109,7 +109,7 @@ impl Record {
             fingerprint,
             created_at_ms: now_ms(),
             status,
-            headers: headers.into(),
+            headers,
             trailers: None,
             body,
         }
@@ -128,7 +128,7 @@ impl Record {
             fingerprint,
             created_at_ms: now_ms(),
             status,
-            headers: headers.into(),
+            headers,
             trailers: None,
             body: Bytes::new(),
         }
@@ -179,6 +179,11 @@ impl Record {
     /// The recorded body.
     pub fn body(&self) -> &Bytes {
         &self.body
+    }
+
+    /// The recorded body, taking it out of the record.
+    pub fn into_body(self) -> Bytes {
+        self.body
     }
 
     /// An estimate of the memory this record occupies, used by stores that
@@ -260,7 +265,7 @@ impl Record {
     }
 
     fn put_fields(&self, out: &mut BytesMut) {
-        for list in [&*self.headers, self.trailers()] {
+        for list in [&self.headers[..], self.trailers()] {
             out.put_u32(len_u32(list.len()));
             for (name, value) in list.iter() {
                 let name = name.as_str().as_bytes();
@@ -382,7 +387,7 @@ impl Reader {
             fingerprint,
             created_at_ms,
             status,
-            headers: headers.into(),
+            headers,
             trailers: None,
             body: Bytes::new(),
         }

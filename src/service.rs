@@ -408,16 +408,17 @@ impl Ctx {
             .await;
         match collected {
             Collected::Full { data, trailers } => {
+                // The body goes into the record and comes back out of it
+                // for the client: a store copies what it keeps.
                 let record = Record::response(
                     fingerprint,
                     parts.status,
                     self.recordable(&parts.headers),
-                    data.clone(),
+                    data,
                 )
                 .with_trailers(trailers.as_ref().map(fields).unwrap_or_default());
-                if !self.complete(key, token, record, ttl).await
-                    && let Some(res) = self.rolled_back(&key)
-                {
+                let (written, data) = self.complete(key, token, record, ttl).await;
+                if !written && let Some(res) = self.rolled_back(&key) {
                     return Ok(res);
                 }
                 tracing::debug!(key = %key, status = parts.status.as_u16(), outcome = "executed");
@@ -427,9 +428,8 @@ impl Ctx {
             Collected::TooLarge { prefix, rest } => {
                 let record =
                     Record::tombstone(fingerprint, parts.status, self.recordable(&parts.headers));
-                if !self.complete(key, token, record, ttl).await
-                    && let Some(res) = self.rolled_back(&key)
-                {
+                let (written, _) = self.complete(key, token, record, ttl).await;
+                if !written && let Some(res) = self.rolled_back(&key) {
                     return Ok(res);
                 }
                 tracing::warn!(key = %key, status = parts.status.as_u16(), outcome = "tombstone",
@@ -513,14 +513,14 @@ impl Ctx {
 
     /// Writes the record; on a store failure, answers the client anyway and
     /// retries in the background a bounded number of times. Returns whether
-    /// the record was written (at once).
+    /// the record was written (at once), and the record's body.
     async fn complete(
         &self,
         key: StoreKey,
         token: LockToken,
         record: Record,
         ttl: Duration,
-    ) -> bool {
+    ) -> (bool, Bytes) {
         match self
             .bounded(
                 "complete",
@@ -528,17 +528,18 @@ impl Ctx {
             )
             .await
         {
-            Ok(true) => return true,
+            Ok(true) => return (true, record.into_body()),
             Ok(false) => {
                 tracing::warn!(key = %key, "lease lost before completion: another request took the key over; this response is not recorded");
-                return false;
+                return (false, record.into_body());
             }
             Err(e) => log_store_error("complete", &key, &e),
         }
         let retries = self.config.complete_retries;
         if retries == 0 || self.store.commits_handler_writes() {
-            return false;
+            return (false, record.into_body());
         }
+        let body = record.body().clone();
         let this = self.clone();
         tokio::spawn(async move {
             for attempt in 0..retries {
@@ -563,7 +564,7 @@ impl Ctx {
             }
             tracing::error!(key = %key, retries, "record not written: the key stays locked until its lease expires, then a retry runs again");
         });
-        false
+        (false, body)
     }
 
     /// For a store that commits the handler's writes with the record: a

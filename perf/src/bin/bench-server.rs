@@ -252,7 +252,12 @@ async fn run(opts: Opts) -> Result<(), BoxError> {
         Some(store) => routes
             // Records outlive the run by minutes, not a day: the shared
             // Redis and PostgreSQL are not left holding millions of them.
-            .layer(IdempotencyLayer::from_arc(store).with_ttl(Duration::from_secs(600)))
+            // `keep_body_type`: axum's own body, not boxed a second time.
+            .layer(
+                IdempotencyLayer::from_arc(store)
+                    .with_ttl(Duration::from_secs(600))
+                    .keep_body_type(),
+            )
             .with_state(state),
     };
 
