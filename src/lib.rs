@@ -75,6 +75,29 @@
 //! `route_layer` with differently configured layers. A handler overrides the
 //! recording of one response with a [`Retention`] response extension.
 //!
+//! # Response bodies
+//!
+//! By default the service answers with [`ResponseBody`], which wraps the
+//! inner service's body: a response the layer does not touch streams
+//! through it, a recorded or replayed one is buffered bytes. That works for
+//! any body type, but under axum's `Router::layer` it costs a second boxing
+//! of every response body, passthroughs included. With the `axum` feature,
+//! [`IdempotencyLayer::keep_body_type`] keeps axum's own `Body` instead
+//! ([`KeepBody`]): untouched responses are handed on as they are. It works
+//! for any body type with `From<ResponseBody<B>>`, which this crate also
+//! implements for `http_body_util`'s `BoxBody` and `UnsyncBoxBody`.
+//!
+//! ```
+//! # #[cfg(feature = "axum")] {
+//! use axum::{Router, routing::post};
+//! use tower_idempotency::{IdempotencyLayer, MemoryStore};
+//!
+//! let app: Router = Router::new()
+//!     .route("/payments", post(|| async { "charged once" }))
+//!     .layer(IdempotencyLayer::new(MemoryStore::new()).keep_body_type());
+//! # }
+//! ```
+//!
 //! # Choosing a store
 //!
 //! | store | when |
@@ -133,6 +156,10 @@
 //!   [`observe`]).
 //! - `test-util`: the store conformance suite ([`test_util`]) and a
 //!   fault-injecting store wrapper.
+//! - `client`: `IdempotentClientLayer`, keys and same-key retries for
+//!   outgoing requests.
+//! - `axum`: `From<ResponseBody<Body>>` for axum's `Body`, so that
+//!   [`IdempotencyLayer::keep_body_type`] works under axum.
 //!
 //! [Tower]: https://docs.rs/tower
 //! [axum]: https://docs.rs/axum

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -265,20 +266,10 @@ impl Ctx {
         op: &'static str,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let limit = self.config.store_timeout;
         // Read the clock only for someone who will see the figure.
         let timed = cfg!(feature = "metrics") || !tracing::Span::current().is_disabled();
         let started = timed.then(Instant::now);
-        // A store that answers at once (the memory store, always) needs no
-        // timer: arming one costs more than the call.
-        let mut call = std::pin::pin!(call);
-        let first = std::future::poll_fn(|cx| Poll::Ready(call.as_mut().poll(cx))).await;
-        let out = match first {
-            Poll::Ready(out) => out,
-            Poll::Pending => tokio::time::timeout(limit, call)
-                .await
-                .unwrap_or(Err(StoreError::Timeout(limit))),
-        };
+        let out = Bounded::new(call, self.config.store_timeout).await;
         if let Some(started) = started {
             store_latency(op, started.elapsed());
         }
@@ -370,7 +361,10 @@ impl Ctx {
         self.store.attach(&key, &token, req.extensions_mut());
         let call = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.call(req)));
         let outcome = match call {
-            Ok(fut) => self.heartbeat(&key, &token, CatchUnwind::new(fut)).await,
+            Ok(fut) => {
+                let fut = std::pin::pin!(CatchUnwind::new(fut));
+                self.heartbeat(&key, &token, fut).await
+            }
             Err(panic) => Err(panic),
         };
         let res = match outcome {
@@ -399,13 +393,12 @@ impl Ctx {
             let res = Response::from_parts(parts, ResponseBody::stream(body));
             return Ok(mark(res, Outcome::Released));
         }
-        let collected = self
-            .heartbeat(
-                &key,
-                &token,
-                collect(Box::pin(body), self.config.max_response_body, |_| {}),
-            )
-            .await;
+        let collecting = std::pin::pin!(collect(
+            Box::pin(body),
+            self.config.max_response_body,
+            |_| {}
+        ));
+        let collected = self.heartbeat(&key, &token, collecting).await;
         match collected {
             Collected::Full { data, trailers } => {
                 // The body goes into the record and comes back out of it
@@ -417,18 +410,19 @@ impl Ctx {
                     data,
                 )
                 .with_trailers(trailers.as_ref().map(fields).unwrap_or_default());
-                let (written, data) = self.complete(key, token, record, ttl).await;
+                let written = self.complete(key, token, &record, ttl).await;
                 if !written && let Some(res) = self.rolled_back(&key) {
                     return Ok(res);
                 }
                 tracing::debug!(key = %key, status = parts.status.as_u16(), outcome = "executed");
-                let res = Response::from_parts(parts, ResponseBody::full(data, trailers));
+                let res =
+                    Response::from_parts(parts, ResponseBody::full(record.into_body(), trailers));
                 Ok(mark(res, Outcome::Executed))
             }
             Collected::TooLarge { prefix, rest } => {
                 let record =
                     Record::tombstone(fingerprint, parts.status, self.recordable(&parts.headers));
-                let (written, _) = self.complete(key, token, record, ttl).await;
+                let written = self.complete(key, token, &record, ttl).await;
                 if !written && let Some(res) = self.rolled_back(&key) {
                     return Ok(res);
                 }
@@ -446,11 +440,23 @@ impl Ctx {
         }
     }
 
-    /// Runs `fut` while extending the lease every third of it.
-    async fn heartbeat<F: Future>(&self, key: &StoreKey, token: &LockToken, fut: F) -> F::Output {
+    /// Runs `fut` while extending the lease every third of it. Pinned by
+    /// the caller: an async fn that takes a future by value holds it twice.
+    async fn heartbeat<F: Future>(
+        &self,
+        key: &StoreKey,
+        token: &LockToken,
+        mut fut: Pin<&mut F>,
+    ) -> F::Output {
+        // A future that finishes on its first poll needs no heartbeat, and
+        // its request's future no room for one.
+        if let Poll::Ready(out) =
+            std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await
+        {
+            return out;
+        }
         let lease = self.config.lease;
-        let mut fut = std::pin::pin!(fut);
-        let beat = async {
+        let beat = Box::pin(async {
             loop {
                 tokio::time::sleep(lease / 3).await;
                 match self
@@ -465,7 +471,7 @@ impl Ctx {
                     Err(e) => log_store_error("extend", key, &e),
                 }
             }
-        };
+        });
         tokio::select! {
             biased;
             out = &mut fut => return out,
@@ -512,34 +518,34 @@ impl Ctx {
     }
 
     /// Writes the record; on a store failure, answers the client anyway and
-    /// retries in the background a bounded number of times. Returns whether
-    /// the record was written (at once), and the record's body.
+    /// retries in the background (with a copy of the record) a bounded
+    /// number of times. Returns whether the record was written (at once).
     async fn complete(
         &self,
         key: StoreKey,
         token: LockToken,
-        record: Record,
+        record: &Record,
         ttl: Duration,
-    ) -> (bool, Bytes) {
+    ) -> bool {
         match self
             .bounded(
                 "complete",
-                self.store.as_ref().complete(&key, &token, &record, ttl),
+                self.store.as_ref().complete(&key, &token, record, ttl),
             )
             .await
         {
-            Ok(true) => return (true, record.into_body()),
+            Ok(true) => return true,
             Ok(false) => {
                 tracing::warn!(key = %key, "lease lost before completion: another request took the key over; this response is not recorded");
-                return (false, record.into_body());
+                return false;
             }
             Err(e) => log_store_error("complete", &key, &e),
         }
         let retries = self.config.complete_retries;
         if retries == 0 || self.store.commits_handler_writes() {
-            return (false, record.into_body());
+            return false;
         }
-        let body = record.body().clone();
+        let record = record.clone();
         let this = self.clone();
         tokio::spawn(async move {
             for attempt in 0..retries {
@@ -564,7 +570,7 @@ impl Ctx {
             }
             tracing::error!(key = %key, retries, "record not written: the key stays locked until its lease expires, then a retry runs again");
         });
-        (false, body)
+        false
     }
 
     /// For a store that commits the handler's writes with the record: a
@@ -629,6 +635,51 @@ impl Ctx {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A store call bounded by `limit`. The timer is armed only if the call
+    /// does not answer on its first poll (the memory store always does):
+    /// arming one costs more than such a call, and a future that may need
+    /// one would carry it.
+    struct Bounded<F> {
+        #[pin]
+        call: F,
+        limit: Duration,
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    }
+}
+
+impl<F> Bounded<F> {
+    fn new(call: F, limit: Duration) -> Self {
+        Self {
+            call,
+            limit,
+            timer: None,
+        }
+    }
+}
+
+impl<T, F> Future for Bounded<F>
+where
+    F: Future<Output = Result<T, StoreError>>,
+{
+    type Output = Result<T, StoreError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.call.poll(cx) {
+            return Poll::Ready(out);
+        }
+        let limit = *this.limit;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(StoreError::Timeout(limit))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
@@ -649,7 +700,9 @@ fn fields(map: &HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
 }
 
 fn to_map(fields: &[(HeaderName, HeaderValue)]) -> HeaderMap {
-    let mut map = HeaderMap::with_capacity(fields.len() + 1);
+    // Room for the replay marker and what servers add on the way out
+    // (axum sets `content-length`): growing a full map rehashes it.
+    let mut map = HeaderMap::with_capacity(fields.len() + 4);
     for (n, v) in fields {
         map.append(n.clone(), v.clone());
     }

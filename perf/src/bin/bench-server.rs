@@ -4,7 +4,8 @@
 //! ```text
 //! bench-server --port 3000 --mode bare|memory|redis|postgres \
 //!              [--preload N] [--preload-body-bytes 1024] [--delay-ms 0] \
-//!              [--threads 0] [--exit-after 900] [--max-entries 2000000]
+//!              [--threads 0] [--exit-after 900] [--max-entries 2000000] \
+//!              [--body-mode keep|wrap]
 //! ```
 //!
 //! - `bare`: no idempotency layer, the reference;
@@ -16,6 +17,10 @@
 //!   `perf_idempotency_records` (feature `postgres`; `PG_POOL` connections,
 //!   default 16: PostgreSQL shares the 2 cores, and more backends than that
 //!   only contend: of 4, 8, 16, 32 and 64, 16 did best for first executions).
+//!
+//! `--body-mode` picks the layer's response body type: `keep` (default,
+//! `keep_body_type()`: axum's own `Body`) or `wrap` (`ResponseBody<Body>`,
+//! which axum boxes once more).
 //!
 //! `--delay-ms` makes `POST /orders` sleep first, as a slow downstream call
 //! would (so `loadgen --keys storm` meets locks). `--threads` sets the
@@ -212,6 +217,7 @@ struct Opts {
     threads: usize,
     delay: Duration,
     max_entries: usize,
+    keep_body: bool,
 }
 
 fn opts() -> Result<Opts, BoxError> {
@@ -225,6 +231,11 @@ fn opts() -> Result<Opts, BoxError> {
         threads: args.get("threads", 0)?,
         delay: Duration::from_millis(args.get("delay-ms", 0)?),
         max_entries: args.get("max-entries", 2_000_000)?,
+        keep_body: match args.get("body-mode", String::from("keep"))?.as_str() {
+            "keep" => true,
+            "wrap" => false,
+            other => return Err(format!("--body-mode {other}: expected keep or wrap").into()),
+        },
     };
     args.finish()?;
     Ok(opts)
@@ -240,6 +251,7 @@ async fn run(opts: Opts) -> Result<(), BoxError> {
         threads: _,
         delay,
         max_entries,
+        keep_body,
     } = opts;
     let (store, memory) = store(mode, max_entries).await?;
     let state = App {
@@ -249,16 +261,16 @@ async fn run(opts: Opts) -> Result<(), BoxError> {
     let routes = Router::new().route("/orders", post(create_order).get(count_orders));
     let app = match store {
         None => routes.with_state(state),
-        Some(store) => routes
+        Some(store) => {
             // Records outlive the run by minutes, not a day: the shared
             // Redis and PostgreSQL are not left holding millions of them.
-            // `keep_body_type`: axum's own body, not boxed a second time.
-            .layer(
-                IdempotencyLayer::from_arc(store)
-                    .with_ttl(Duration::from_secs(600))
-                    .keep_body_type(),
-            )
-            .with_state(state),
+            let layer = IdempotencyLayer::from_arc(store).with_ttl(Duration::from_secs(600));
+            if keep_body {
+                routes.layer(layer.keep_body_type()).with_state(state)
+            } else {
+                routes.layer(layer).with_state(state)
+            }
+        }
     };
 
     if preload_n > 0 {
