@@ -1,7 +1,8 @@
 //! The layer's cost in process, through `oneshot`, with a 1 KiB JSON body:
 //! under an axum router, and around a plain Tower `service_fn`.
 //!
-//! Run with `cargo bench --bench layer`.
+//! Run with `cargo bench --features axum --bench layer` (without the
+//! feature, the `keep_body_type` rows under axum are left out).
 
 #![allow(clippy::unwrap_used)]
 
@@ -91,6 +92,34 @@ fn bench(c: &mut Criterion) {
         b.to_async(&rt)
             .iter(|| run(&layered, request(Method::POST, "replayed", &body)))
     });
+    #[cfg(feature = "axum")]
+    {
+        use tower::Layer;
+
+        let store = || MemoryStore::new().with_max_entries(2_000_000);
+        // `keep_body_type`: axum's own body type, not boxed again.
+        let keep: Router = routes()
+            .layer(IdempotencyLayer::new(store()).keep_body_type())
+            .with_state(());
+        g.bench_function("layer_keep_get_passthrough", |b| {
+            b.to_async(&rt)
+                .iter(|| run(&keep, request(Method::GET, &fresh(), &body)))
+        });
+        // The layer around the whole router rather than inside it.
+        let around = IdempotencyLayer::new(store())
+            .keep_body_type()
+            .layer(routes().with_state(()));
+        g.bench_function("around_router_keep_get_passthrough", |b| {
+            b.to_async(&rt).iter(|| async {
+                let res = around
+                    .clone()
+                    .oneshot(request(Method::GET, &fresh(), &body))
+                    .await
+                    .unwrap();
+                std::hint::black_box(res.into_body().collect().await.unwrap().to_bytes());
+            })
+        });
+    }
     g.finish();
 }
 
@@ -175,6 +204,23 @@ fn tower_stack(c: &mut Criterion) {
     g.bench_function("layer_replay", |b| {
         b.to_async(&rt)
             .iter(|| drain(layered.clone(), req(Method::POST, Some("replayed"))))
+    });
+    // A service whose body type is boxed (as hyper and tonic stacks often
+    // have), and the layer keeping that type.
+    let boxed = tower::util::MapResponseLayer::new(|res: Response<Full<Bytes>>| {
+        res.map(BodyExt::boxed_unsync)
+    })
+    .layer(handler);
+    let keep = IdempotencyLayer::new(MemoryStore::new())
+        .keep_body_type()
+        .layer(boxed.clone());
+    g.bench_function("bare_get_boxed", |b| {
+        b.to_async(&rt)
+            .iter(|| drain(boxed.clone(), req(Method::GET, None)))
+    });
+    g.bench_function("layer_keep_get_passthrough_boxed", |b| {
+        b.to_async(&rt)
+            .iter(|| drain(keep.clone(), req(Method::GET, None)))
     });
     g.finish();
 }
