@@ -149,29 +149,30 @@ async fn keep_body_works_with_boxed_bodies() {
     }
     let layer = IdempotencyLayer::new(MemoryStore::new()).keep_body_type();
 
+    // The response body types are the services' own: naming them would not
+    // compile otherwise.
     let svc = ServiceBuilder::new().layer(layer.clone()).service_fn(boxed);
-    for replayed in [false, true] {
-        let res: Response<BoxBody<Bytes, Infallible>> = svc
-            .clone()
-            .oneshot(tagged_req("POST", "/", Some("a")))
-            .await
-            .unwrap();
-        assert_eq!(res.headers().contains_key("idempotent-replayed"), replayed);
-        assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "sync");
-    }
-
+    records_then_replays::<_, BoxBody<Bytes, Infallible>>(svc, "a", "sync").await;
     let svc = ServiceBuilder::new().layer(layer).service_fn(unsync);
+    records_then_replays::<_, UnsyncBoxBody<Bytes, Infallible>>(svc, "b", "unsync").await;
+}
+
+/// Sends the same keyed POST twice: recorded, then replayed, with `body`.
+async fn records_then_replays<S, B>(svc: S, key: &str, body: &str)
+where
+    S: tower::Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
     for replayed in [false, true] {
-        let res: Response<UnsyncBoxBody<Bytes, Infallible>> = svc
+        let res = svc
             .clone()
-            .oneshot(tagged_req("POST", "/", Some("b")))
+            .oneshot(tagged_req("POST", "/", Some(key)))
             .await
             .unwrap();
         assert_eq!(res.headers().contains_key("idempotent-replayed"), replayed);
-        assert_eq!(
-            res.into_body().collect().await.unwrap().to_bytes(),
-            "unsync"
-        );
+        assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), body);
     }
 }
 
