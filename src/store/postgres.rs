@@ -493,6 +493,14 @@ impl PostgresStore {
 
     /// One `begin` statement: `Some` with the outcome, `None` when the row
     /// was committed concurrently and is not in the statement's snapshot.
+    ///
+    /// The statement runs on a task of its own. One cut off here (by the
+    /// deadline, or by the caller dropping `begin`) still runs on in the
+    /// server, and may take the key under `token` once a row lock it waits
+    /// for is freed; its task sees that nobody took the answer and releases
+    /// the lock as soon as the statement has committed. A release sent
+    /// alongside instead may run before that commit, find nothing, and leave
+    /// the key locked until the lease ends.
     async fn try_begin(
         &self,
         key: &StoreKey,
@@ -501,25 +509,68 @@ impl PostgresStore {
         lease: f64,
         deadline: Instant,
     ) -> Result<Option<Begin>, StoreError> {
-        let row = self
-            .bounded_until(deadline, self.timeout, async {
-                sqlx::query(&self.sql.begin)
-                    .bind(&key.as_bytes()[..])
-                    .bind(&fingerprint.as_bytes()[..])
-                    .bind(&token.to_bytes()[..])
-                    .bind(lease)
-                    .fetch_optional(&self.pool)
-                    .await
-            })
-            .await?;
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let store = self.clone();
+        let (key, fingerprint, token) = (*key, *fingerprint, *token);
+        tokio::spawn(async move {
+            let row = sqlx::query(&store.sql.begin)
+                .bind(&key.as_bytes()[..])
+                .bind(&fingerprint.as_bytes()[..])
+                .bind(&token.to_bytes()[..])
+                .bind(lease)
+                .fetch_optional(&store.pool)
+                .await;
+            if let Err(unanswered) = tx.send(row) {
+                store.release_unanswered(&key, &token, unanswered).await;
+            }
+        });
+        let row = match tokio::time::timeout_at(deadline, &mut rx).await {
+            Ok(Ok(row)) => row.map_err(map_err)?,
+            Ok(Err(_)) => return Err(StoreError::backend("begin's task ended without an answer")),
+            Err(_) => {
+                // No answer from here on: the task releases what it takes.
+                // One that arrived as the deadline passed is released here.
+                rx.close();
+                if let Ok(row) = rx.try_recv() {
+                    let store = self.clone();
+                    tokio::spawn(async move { store.release_unanswered(&key, &token, row).await });
+                }
+                return Err(StoreError::Timeout(self.timeout));
+            }
+        };
         let Some(row) = row else {
             return Ok(None);
         };
         let acquired: bool = row.try_get("acquired").map_err(map_err)?;
         if acquired {
-            return Ok(Some(Begin::Acquired(*token)));
+            return Ok(Some(Begin::Acquired(token)));
         }
         live_row(&row).map(Some)
+    }
+
+    /// Releases the lock a `begin` statement took under `token` if nobody
+    /// received its answer.
+    async fn release_unanswered(
+        &self,
+        key: &StoreKey,
+        token: &LockToken,
+        row: Result<Option<sqlx::postgres::PgRow>, sqlx::Error>,
+    ) {
+        let acquired =
+            matches!(&row, Ok(Some(row)) if row.try_get::<bool, _>("acquired").unwrap_or(false));
+        if !acquired {
+            return;
+        }
+        for attempt in 0..6u32 {
+            match self.release(key, token).await {
+                Ok(_) => {
+                    tracing::info!(key = %key, "released a lock whose begin went unanswered");
+                    return;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100 << attempt)).await,
+            }
+        }
+        tracing::warn!(key = %key, "could not release a lock whose begin went unanswered; it expires with its lease");
     }
 }
 
