@@ -35,20 +35,41 @@ fn body_1k() -> Bytes {
     Bytes::from(s)
 }
 
-fn request(method: Method, key: &str, body: &Bytes) -> Request<Body> {
-    Request::builder()
+/// A JSON request to `/orders`, with the key if any.
+fn request_with<B>(method: Method, key: Option<&str>, body: B) -> Request<B> {
+    let mut b = Request::builder()
         .method(method)
         .uri("/orders")
-        .header("content-type", "application/json")
-        .header("idempotency-key", key)
-        .body(Body::from(body.clone()))
-        .unwrap()
+        .header("content-type", "application/json");
+    if let Some(key) = key {
+        b = b.header("idempotency-key", key);
+    }
+    b.body(body).unwrap()
 }
 
-async fn run(app: &Router, req: Request<Body>) {
-    let res = app.clone().oneshot(req).await.unwrap();
-    let body = res.into_body().collect().await.unwrap().to_bytes();
-    std::hint::black_box(body);
+/// The same for axum, with the 1 KiB body whatever the method.
+fn request(method: Method, key: &str, body: &Bytes) -> Request<Body> {
+    request_with(method, Some(key), Body::from(body.clone()))
+}
+
+/// The store every layer here uses: large enough to keep every record a
+/// run makes.
+fn store() -> MemoryStore {
+    MemoryStore::new()
+        .with_max_entries(2_000_000)
+        .with_max_bytes(4 << 30)
+}
+
+/// Sends `req` through `svc` and reads the whole response body.
+async fn drain<S, ReqB, B>(svc: S, req: Request<ReqB>)
+where
+    S: tower::Service<Request<ReqB>, Response = axum::http::Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let res = svc.oneshot(req).await.unwrap();
+    std::hint::black_box(res.into_body().collect().await.unwrap().to_bytes());
 }
 
 fn bench(c: &mut Criterion) {
@@ -61,11 +82,7 @@ fn bench(c: &mut Criterion) {
     // Built once with `with_state`, as `axum::serve` does, not per request.
     let bare: Router = routes().with_state(());
     let layered: Router = routes()
-        .layer(IdempotencyLayer::new(
-            MemoryStore::new()
-                .with_max_entries(2_000_000)
-                .with_max_bytes(4 << 30),
-        ))
+        .layer(IdempotencyLayer::new(store()))
         .with_state(());
     let counter = AtomicU64::new(0);
     let fresh = || format!("key-{}", counter.fetch_add(1, Ordering::Relaxed));
@@ -73,66 +90,50 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("in_process_1k");
     g.bench_function("bare_post", |b| {
         b.to_async(&rt)
-            .iter(|| run(&bare, request(Method::POST, &fresh(), &body)))
+            .iter(|| drain(bare.clone(), request(Method::POST, &fresh(), &body)))
     });
     g.bench_function("layer_get_passthrough", |b| {
         b.to_async(&rt)
-            .iter(|| run(&layered, request(Method::GET, &fresh(), &body)))
+            .iter(|| drain(layered.clone(), request(Method::GET, &fresh(), &body)))
     });
     g.bench_function("bare_get", |b| {
         b.to_async(&rt)
-            .iter(|| run(&bare, request(Method::GET, &fresh(), &body)))
+            .iter(|| drain(bare.clone(), request(Method::GET, &fresh(), &body)))
     });
     g.bench_function("layer_first_post", |b| {
         b.to_async(&rt)
-            .iter(|| run(&layered, request(Method::POST, &fresh(), &body)))
+            .iter(|| drain(layered.clone(), request(Method::POST, &fresh(), &body)))
     });
-    rt.block_on(run(&layered, request(Method::POST, "replayed", &body)));
+    rt.block_on(drain(
+        layered.clone(),
+        request(Method::POST, "replayed", &body),
+    ));
     g.bench_function("layer_replay", |b| {
         b.to_async(&rt)
-            .iter(|| run(&layered, request(Method::POST, "replayed", &body)))
+            .iter(|| drain(layered.clone(), request(Method::POST, "replayed", &body)))
     });
     #[cfg(feature = "axum")]
     {
         use tower::Layer;
 
-        let store = || MemoryStore::new().with_max_entries(2_000_000);
         // `keep_body_type`: axum's own body type, not boxed again.
         let keep: Router = routes()
             .layer(IdempotencyLayer::new(store()).keep_body_type())
             .with_state(());
         g.bench_function("layer_keep_get_passthrough", |b| {
             b.to_async(&rt)
-                .iter(|| run(&keep, request(Method::GET, &fresh(), &body)))
+                .iter(|| drain(keep.clone(), request(Method::GET, &fresh(), &body)))
         });
         // The layer around the whole router rather than inside it.
         let around = IdempotencyLayer::new(store())
             .keep_body_type()
             .layer(routes().with_state(()));
         g.bench_function("around_router_keep_get_passthrough", |b| {
-            b.to_async(&rt).iter(|| async {
-                let res = around
-                    .clone()
-                    .oneshot(request(Method::GET, &fresh(), &body))
-                    .await
-                    .unwrap();
-                std::hint::black_box(res.into_body().collect().await.unwrap().to_bytes());
-            })
+            b.to_async(&rt)
+                .iter(|| drain(around.clone(), request(Method::GET, &fresh(), &body)))
         });
     }
     g.finish();
-}
-
-/// Sends `req` through `svc` and reads the whole response body.
-async fn drain<S, B>(svc: S, req: Request<http_body_util::Full<Bytes>>)
-where
-    S: tower::Service<Request<http_body_util::Full<Bytes>>, Response = axum::http::Response<B>>,
-    S::Error: std::fmt::Debug,
-    B: http_body::Body,
-    B::Error: std::fmt::Debug,
-{
-    let res = svc.oneshot(req).await.unwrap();
-    std::hint::black_box(res.into_body().collect().await.unwrap().to_bytes());
 }
 
 /// The same without axum: a plain Tower stack around a `service_fn`, so the
@@ -160,26 +161,15 @@ fn tower_stack(c: &mut Criterion) {
         *res.status_mut() = status;
         Ok::<_, Infallible>(res)
     });
-    let layered = IdempotencyLayer::new(
-        MemoryStore::new()
-            .with_max_entries(2_000_000)
-            .with_max_bytes(4 << 30),
-    )
-    .layer(handler);
+    let layered = IdempotencyLayer::new(store()).layer(handler);
+    // No body on a GET here.
     let req = |method: Method, key: Option<&str>| {
-        let mut b = Request::builder()
-            .method(method.clone())
-            .uri("/orders")
-            .header("content-type", "application/json");
-        if let Some(key) = key {
-            b = b.header("idempotency-key", key);
-        }
         let body = if method == Method::GET {
             Full::new(Bytes::new())
         } else {
             Full::new(body.clone())
         };
-        b.body(body).unwrap()
+        request_with(method, key, body)
     };
     let counter = AtomicU64::new(0);
     let fresh = || format!("key-{}", counter.fetch_add(1, Ordering::Relaxed));
@@ -211,7 +201,7 @@ fn tower_stack(c: &mut Criterion) {
         res.map(BodyExt::boxed_unsync)
     })
     .layer(handler);
-    let keep = IdempotencyLayer::new(MemoryStore::new())
+    let keep = IdempotencyLayer::new(store())
         .keep_body_type()
         .layer(boxed.clone());
     g.bench_function("bare_get_boxed", |b| {
