@@ -181,7 +181,8 @@ fn parse_sf_string(rest: &[u8]) -> Result<Cow<'_, str>, KeyError> {
     for (i, &c) in rest.iter().enumerate() {
         match c {
             b'"' if i + 1 == rest.len() => {
-                // Printable ASCII only, checked below: never fails.
+                // Every byte before the quote passed the printable-ASCII
+                // arm below: never fails.
                 return std::str::from_utf8(&rest[..i])
                     .map(Cow::Borrowed)
                     .map_err(|_| KeyError::Malformed);

@@ -318,21 +318,30 @@ impl<S: Store + Clone> Drop for Unsettled<S> {
             return;
         };
         let (key, token) = (self.key, self.token);
-        handle.spawn(async move {
-            for attempt in 0..6u32 {
-                match store.release(&key, &token).await {
-                    Ok(released) => {
-                        if released {
-                            tracing::info!(key = %key, "released a lock whose begin went unanswered");
-                        }
-                        return;
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100 << attempt)).await,
-                }
-            }
-            tracing::warn!(key = %key, "could not release a lock whose begin went unanswered; it expires with its lease");
-        });
+        handle.spawn(async move { release_unanswered(&store, &key, &token).await });
     }
+}
+
+/// Releases the lock `token` may hold on `key` although its `begin` went
+/// unanswered, retrying a store failure a few times with backoff.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) async fn release_unanswered<S: Store + ?Sized>(
+    store: &S,
+    key: &StoreKey,
+    token: &LockToken,
+) {
+    for attempt in 0..6u32 {
+        match store.release(key, token).await {
+            Ok(released) => {
+                if released {
+                    tracing::info!(key = %key, "released a lock whose begin went unanswered");
+                }
+                return;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100 << attempt)).await,
+        }
+    }
+    tracing::warn!(key = %key, "could not release a lock whose begin went unanswered; it expires with its lease");
 }
 
 #[async_trait]

@@ -101,7 +101,7 @@ use tokio::time::Instant;
 
 pub use sqlx::PgPool;
 
-use super::{Begin, LockToken, Store, StoreError, StoreKey, Unsettled};
+use super::{Begin, LockToken, Store, StoreError, StoreKey, Unsettled, release_unanswered};
 use crate::fingerprint::Fingerprint;
 use crate::record::Record;
 
@@ -521,7 +521,7 @@ impl PostgresStore {
                 .fetch_optional(&store.pool)
                 .await;
             if let Err(unanswered) = tx.send(row) {
-                store.release_unanswered(&key, &token, unanswered).await;
+                store.release_if_acquired(&key, &token, unanswered).await;
             }
         });
         let row = match tokio::time::timeout_at(deadline, &mut rx).await {
@@ -533,7 +533,7 @@ impl PostgresStore {
                 rx.close();
                 if let Ok(row) = rx.try_recv() {
                     let store = self.clone();
-                    tokio::spawn(async move { store.release_unanswered(&key, &token, row).await });
+                    tokio::spawn(async move { store.release_if_acquired(&key, &token, row).await });
                 }
                 return Err(StoreError::Timeout(self.timeout));
             }
@@ -548,9 +548,9 @@ impl PostgresStore {
         live_row(&row).map(Some)
     }
 
-    /// Releases the lock a `begin` statement took under `token` if nobody
-    /// received its answer.
-    async fn release_unanswered(
+    /// Releases the lock a `begin` statement took under `token`, given the
+    /// answer nobody received.
+    async fn release_if_acquired(
         &self,
         key: &StoreKey,
         token: &LockToken,
@@ -558,19 +558,9 @@ impl PostgresStore {
     ) {
         let acquired =
             matches!(&row, Ok(Some(row)) if row.try_get::<bool, _>("acquired").unwrap_or(false));
-        if !acquired {
-            return;
+        if acquired {
+            release_unanswered(self, key, token).await;
         }
-        for attempt in 0..6u32 {
-            match self.release(key, token).await {
-                Ok(_) => {
-                    tracing::info!(key = %key, "released a lock whose begin went unanswered");
-                    return;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(100 << attempt)).await,
-            }
-        }
-        tracing::warn!(key = %key, "could not release a lock whose begin went unanswered; it expires with its lease");
     }
 }
 
