@@ -1,6 +1,6 @@
 //! A fixed workload for instruction-level profiling of the request path.
 //!
-//! `cargo bench --bench hotpath` runs every scenario briefly and prints the
+//! `cargo bench --features axum --bench hotpath` runs every scenario briefly and prints the
 //! time per request. For a profile, run one scenario under callgrind:
 //!
 //! ```text
@@ -15,48 +15,23 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
 use axum::http::Response;
-use axum::http::{Method, Request, StatusCode};
+use axum::http::{Method, Request};
 use axum::routing::post;
 use bytes::Bytes;
-use http_body_util::BodyExt;
+use common::*;
 use tower::util::MapRequestLayer;
-use tower::{Layer, Service, ServiceExt};
-use tower_idempotency::{IdempotencyLayer, MemoryStore};
+use tower::{Layer, Service};
+use tower_idempotency::IdempotencyLayer;
 
-async fn handler(body: Bytes) -> (StatusCode, Bytes) {
-    // A fresh buffer, as a handler that serializes its answer makes: an
-    // echo of the request's shared buffer would let a store keep every
-    // record for the price of a reference count.
-    (StatusCode::CREATED, Bytes::copy_from_slice(&body))
-}
-
-fn request(method: Method, key: &str, body: &Bytes) -> Request<Body> {
-    Request::builder()
-        .method(method)
-        .uri("/orders")
-        .header("content-type", "application/json")
-        .header("idempotency-key", key)
-        .body(Body::from(body.clone()))
-        .unwrap()
-}
-
-async fn run<S, B>(app: &S, req: Request<Body>)
-where
-    S: Service<Request<Body>, Response = Response<B>> + Clone,
-    S::Error: std::fmt::Debug,
-    B: http_body::Body,
-    B::Error: std::fmt::Debug,
-{
-    let res = app.clone().oneshot(req).await.unwrap();
-    std::hint::black_box(res.into_body().collect().await.unwrap().to_bytes());
-}
-
-async fn drive<S, B>(app: S, name: &str, n: u64) -> f64
+/// Runs scenario `base` (its name without `-keep`) `n` times through `app`.
+async fn drive<S, B>(app: S, base: &str, n: u64) -> f64
 where
     S: Service<Request<Body>, Response = Response<B>> + Clone,
     S::Error: std::fmt::Debug,
@@ -64,26 +39,19 @@ where
     B::Error: std::fmt::Debug,
 {
     let body = Bytes::from(vec![b'x'; 1024]);
-    let base = name.strip_suffix("-keep").unwrap_or(name);
     let method = if base.ends_with("get") || base == "noop" {
         Method::GET
     } else {
         Method::POST
     };
     let keys: Vec<String> = (0..n).map(|i| format!("key-{i}")).collect();
-    run(&app, request(Method::POST, "replayed", &body)).await;
+    drain(app.clone(), request(Method::POST, "replayed", &body)).await;
     let started = Instant::now();
     for key in &keys {
         let key = if base == "replay" { "replayed" } else { key };
-        run(&app, request(method.clone(), key, &body)).await;
+        drain(app.clone(), request(method.clone(), key, &body)).await;
     }
     started.elapsed().as_nanos() as f64 / n as f64
-}
-
-fn store() -> MemoryStore {
-    MemoryStore::new()
-        .with_max_entries(4_000_000)
-        .with_max_bytes(8 << 30)
 }
 
 async fn scenario(name: &str, n: u64) -> f64 {
@@ -96,26 +64,26 @@ async fn scenario(name: &str, n: u64) -> f64 {
     };
     // Built once, as `axum::serve` does, not on every request.
     match (base, keep) {
-        ("bare" | "bare-get", _) => drive(routes.with_state(()), name, n).await,
+        ("bare" | "bare-get", _) => drive(routes.with_state(()), base, n).await,
         // Any middleware at all: a layer that changes nothing.
         ("noop", _) => {
             let app = routes.layer(MapRequestLayer::new(|r: Request<Body>| r));
-            drive(app.with_state(()), name, n).await
+            drive(app.with_state(()), base, n).await
         }
         // The layer around the whole router instead of inside it.
         ("outer-noop-get", _) => {
             let app = MapRequestLayer::new(|r: Request<Body>| r).layer(routes.with_state(()));
-            drive(app, name, n).await
+            drive(app, base, n).await
         }
-        ("outer-get", false) => drive(layer.layer(routes.with_state(())), name, n).await,
+        ("outer-get", false) => drive(layer.layer(routes.with_state(())), base, n).await,
         ("outer-get", true) => {
             let app = layer.keep_body_type().layer(routes.with_state(()));
-            drive(app, name, n).await
+            drive(app, base, n).await
         }
-        (_, false) => drive(routes.layer(layer).with_state(()), name, n).await,
+        (_, false) => drive(routes.layer(layer).with_state(()), base, n).await,
         (_, true) => {
             let app = routes.layer(layer.keep_body_type());
-            drive(app.with_state(()), name, n).await
+            drive(app.with_state(()), base, n).await
         }
     }
 }
