@@ -93,10 +93,7 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = current_thread();
     let (names, n) = match args.as_slice() {
         [name, n] => (vec![name.clone()], n.parse().unwrap()),
         _ => (

@@ -30,10 +30,7 @@ fn body_1k() -> Bytes {
 }
 
 fn bench(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = current_thread();
     let body = body_1k();
     let routes = || Router::new().route("/orders", post(handler).get(handler));
     // Built once with `with_state`, as `axum::serve` does, not per request.
@@ -102,10 +99,7 @@ fn tower_stack(c: &mut Criterion) {
     use http_body_util::Full;
     use tower::{Layer, service_fn};
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = current_thread();
     let body = body_1k();
     let handler = service_fn(|req: Request<Full<Bytes>>| async move {
         let status = if req.method() == Method::GET {

@@ -16,6 +16,15 @@ pub async fn handler(body: Bytes) -> (StatusCode, Bytes) {
     (StatusCode::CREATED, Bytes::copy_from_slice(&body))
 }
 
+/// The runtime the benches run on: one thread, as a server's connection
+/// task is polled.
+pub fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// A JSON request to `/orders`, with the key if any.
 pub fn request_with<B>(method: Method, key: Option<&str>, body: B) -> Request<B> {
     let mut b = Request::builder()
