@@ -434,6 +434,8 @@ async fn soak_redis() {
         stores.push(Arc::new(store));
     }
     soak("redis", [stores[0].clone(), stores[1].clone()], &proxy).await;
+    // Its records would stay for the 24-hour ttl, run after run.
+    common::delete_prefix(&url, &prefix).await;
 }
 
 async fn soak_postgres() {

@@ -173,3 +173,22 @@ pub async fn scan(
     keys.dedup();
     keys
 }
+
+/// Deletes every key under `prefix` in the Redis at `url`: for tests that
+/// leave many records behind, which would otherwise stay for their ttl.
+#[cfg(feature = "redis")]
+pub async fn delete_prefix(url: &str, prefix: &str) {
+    use tower_idempotency::store::redis::driver;
+    let mut conn = driver::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for keys in scan(&mut conn, prefix).await.chunks(1000) {
+        let _: () = driver::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
