@@ -11,33 +11,11 @@ use sha2::{Digest, Sha256};
 use tower_layer::Layer;
 
 use crate::body::{KeepBody, WrapBody};
+use crate::engine::{Engine, InFlightPolicy, Settings, StoreErrorPolicy};
 use crate::fingerprint::FingerprintConfig;
 use crate::key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
 use crate::service::{Idempotency, Shared};
 use crate::store::{Store, StoreKey};
-
-/// What a duplicate gets while the first request with its key still runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum InFlightPolicy {
-    /// `409 Conflict` with `Retry-After` at once (the draft's behaviour).
-    Reject,
-    /// Wait up to this long for the first request to finish and replay its
-    /// response; `409` if it has not finished by then.
-    Wait(Duration),
-}
-
-/// What the layer does when the store fails or times out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum StoreErrorPolicy {
-    /// `503 Service Unavailable` with `Retry-After`: the handler does not
-    /// run, so a duplicate cannot run twice. The default.
-    FailClosed,
-    /// Forward the request to the handler without idempotency: availability
-    /// over exactly-once. A retry during the outage may run twice.
-    FailOpen,
-}
 
 /// A handler's say over one response, put in the response's extensions.
 ///
@@ -80,20 +58,14 @@ pub(crate) struct Config {
     pub(crate) require_key: bool,
     pub(crate) min_key_len: usize,
     pub(crate) max_key_len: usize,
-    pub(crate) ttl: Duration,
-    pub(crate) lease: Duration,
     pub(crate) max_request_body: usize,
     pub(crate) max_response_body: usize,
     pub(crate) scope: Option<Arc<ScopeFn>>,
     pub(crate) fingerprint: FingerprintConfig,
-    pub(crate) in_flight: InFlightPolicy,
-    pub(crate) on_store_error: StoreErrorPolicy,
     pub(crate) record_if: Arc<RecordIfFn>,
     pub(crate) replayed_header: Option<HeaderName>,
     pub(crate) excluded_headers: Vec<HeaderName>,
-    pub(crate) store_timeout: Duration,
     pub(crate) retry_after: Duration,
-    pub(crate) complete_retries: u32,
 }
 
 impl Default for Config {
@@ -104,20 +76,14 @@ impl Default for Config {
             require_key: false,
             min_key_len: 1,
             max_key_len: 255,
-            ttl: Duration::from_secs(24 * 60 * 60),
-            lease: Duration::from_secs(30),
             max_request_body: 1024 * 1024,
             max_response_body: 4 * 1024 * 1024,
             scope: None,
             fingerprint: FingerprintConfig::default(),
-            in_flight: InFlightPolicy::Reject,
-            on_store_error: StoreErrorPolicy::FailClosed,
             record_if: Arc::new(default_record_if),
             replayed_header: Some(IDEMPOTENT_REPLAYED),
             excluded_headers: Vec::new(),
-            store_timeout: Duration::from_secs(2),
             retry_after: Duration::from_secs(1),
-            complete_retries: 8,
         }
     }
 }
@@ -190,17 +156,18 @@ impl<M> Clone for IdempotencyLayer<M> {
 impl<M> fmt::Debug for IdempotencyLayer<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.shared.config;
+        let e = &self.shared.engine.settings;
         f.debug_struct("IdempotencyLayer")
             .field("header", &c.header)
             .field("methods", &c.methods)
             .field("require_key", &c.require_key)
-            .field("ttl", &c.ttl)
-            .field("lease", &c.lease)
+            .field("ttl", &e.ttl)
+            .field("lease", &e.lease)
             .field("max_request_body", &c.max_request_body)
             .field("max_response_body", &c.max_response_body)
             .field("scoped", &c.scope.is_some())
-            .field("in_flight", &c.in_flight)
-            .field("on_store_error", &c.on_store_error)
+            .field("in_flight", &e.in_flight)
+            .field("on_store_error", &e.on_store_error)
             .finish_non_exhaustive()
     }
 }
@@ -215,7 +182,7 @@ impl IdempotencyLayer {
     pub fn from_arc(store: Arc<dyn Store>) -> Self {
         Self {
             shared: Arc::new(Shared {
-                store,
+                engine: Engine::new(store),
                 config: Config::default(),
             }),
             mode: PhantomData,
@@ -254,6 +221,11 @@ impl<M> IdempotencyLayer<M> {
         self
     }
 
+    fn engine(mut self, f: impl FnOnce(&mut Settings)) -> Self {
+        f(&mut Arc::make_mut(&mut self.shared).engine.settings);
+        self
+    }
+
     /// The methods the layer covers (default `POST` and `PATCH`). Every other
     /// method passes through untouched and unbuffered.
     pub fn with_methods(self, methods: impl IntoIterator<Item = Method>) -> Self {
@@ -284,14 +256,14 @@ impl<M> IdempotencyLayer<M> {
 
     /// How long a completed record replays (default 24 hours).
     pub fn with_ttl(self, ttl: Duration) -> Self {
-        self.config(|c| c.ttl = ttl)
+        self.engine(|e| e.ttl = ttl)
     }
 
     /// How long an in-flight lock lives without a heartbeat (default 30 s).
     /// The layer renews it every third of the lease while the handler runs;
     /// a process that dies leaves a lock that a retry takes over after this.
     pub fn with_lease(self, lease: Duration) -> Self {
-        self.config(|c| c.lease = lease.max(Duration::from_millis(30)))
+        self.engine(|e| e.lease = lease.max(Duration::from_millis(30)))
     }
 
     /// The largest request body a covered request may carry (default 1 MiB);
@@ -334,12 +306,12 @@ impl<M> IdempotencyLayer<M> {
 
     /// What a duplicate gets while the first request runs (default 409).
     pub fn with_in_flight(self, policy: InFlightPolicy) -> Self {
-        self.config(|c| c.in_flight = policy)
+        self.engine(|e| e.in_flight = policy)
     }
 
     /// What happens when the store fails (default: 503, fail closed).
     pub fn with_store_error_policy(self, policy: StoreErrorPolicy) -> Self {
-        self.config(|c| c.on_store_error = policy)
+        self.engine(|e| e.on_store_error = policy)
     }
 
     /// Which responses are recorded, by status (default
@@ -368,7 +340,7 @@ impl<M> IdempotencyLayer<M> {
     /// The bound on every store call (default 2 s); past it the call counts
     /// as a store failure.
     pub fn with_store_timeout(self, timeout: Duration) -> Self {
-        self.config(|c| c.store_timeout = timeout)
+        self.engine(|e| e.store_timeout = timeout)
     }
 
     /// The `Retry-After` sent with 409 and 503 (default 1 s).
@@ -382,7 +354,7 @@ impl<M> IdempotencyLayer<M> {
     /// with the defaults, so a store outage shorter than that loses no
     /// record.
     pub fn with_complete_retries(self, retries: u32) -> Self {
-        self.config(|c| c.complete_retries = retries)
+        self.engine(|e| e.complete_retries = retries)
     }
 }
 

@@ -166,14 +166,17 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod attachment;
 mod body;
 #[cfg(feature = "client")]
 #[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub mod client;
+mod engine;
 pub mod fingerprint;
 mod future;
 pub mod key;
 mod layer;
+pub mod message;
 pub mod observe;
 pub mod problem;
 pub mod record;
@@ -191,10 +194,12 @@ pub use body::{BodyMode, KeepBody, RequestBody, ResponseBody, WrapBody};
 #[cfg(feature = "client")]
 #[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub use client::{IdempotentClient, IdempotentClientLayer};
+pub use engine::{InFlightPolicy, StoreErrorPolicy};
 pub use fingerprint::{Fingerprint, FingerprintConfig};
 pub use future::ResponseFuture;
 pub use key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
-pub use layer::{IdempotencyLayer, InFlightPolicy, Retention, StoreErrorPolicy, default_record_if};
+pub use layer::{IdempotencyLayer, Retention, default_record_if};
+pub use message::{IdempotentConsumer, MessageKey, MessageLayer, Processed};
 pub use observe::Outcome;
 pub use problem::Rejection;
 pub use record::{Record, RecordKind};

@@ -1,21 +1,27 @@
-//! Recorded responses and their compact, versioned binary encoding.
+//! Recorded outcomes and their compact, versioned binary encoding.
 //!
-//! Every store keeps a completed request as a [`Record`]. Stores that write
-//! bytes somewhere (Redis, PostgreSQL) use [`Record::encode`] and
-//! [`Record::decode`], so a record written by one version of this crate can
-//! be read by the next.
+//! Every store keeps a completed request as a [`Record`]: an HTTP response
+//! (the HTTP layer), an opaque value (the message face: a handler's output
+//! as its codec encoded it), or a tombstone (the work completed, its
+//! output was not kept). Stores that write bytes somewhere (Redis,
+//! PostgreSQL) use [`Record::encode`] and [`Record::decode`], so a record
+//! written by one version of this crate can be read by the next.
 //!
-//! # Wire format (version 1)
+//! # Wire format (versions 1 and 2)
 //!
-//! All integers are big-endian.
+//! All integers are big-endian. Version 2 adds the value kind; a record of
+//! a kind that version 1 knows is still written as version 1, so that
+//! during a rolling upgrade an instance of the previous release reads
+//! every HTTP record the new one writes.
 //!
 //! ```text
 //! magic      2 bytes  "TI"
-//! version    u8       1
-//! kind       u8       0 = response, 1 = tombstone (response too large to keep)
+//! version    u8       1, or 2 for a value record
+//! kind       u8       0 = response, 1 = tombstone (output too large to keep),
+//!                     2 = value (version 2 only)
 //! fingerprint 32 bytes
 //! created_at u64      milliseconds since the Unix epoch (informational)
-//! status     u16
+//! status     u16      a value record: 200, not meaningful
 //! headers    u32 count, then per header: u16 name length, name, u32 value length, value
 //! trailers   u32 count, then as headers
 //! body       u32 length, then the bytes
@@ -38,21 +44,27 @@ use sha2::{Digest, Sha256};
 use crate::fingerprint::Fingerprint;
 
 const MAGIC: &[u8; 2] = b"TI";
-const VERSION: u8 = 1;
+/// The newest format version this crate writes and reads.
+const VERSION: u8 = 2;
 
-/// What a [`Record`] holds: a full response, or a tombstone for a response
-/// that completed but was too large to keep.
+/// What a [`Record`] holds: a full response, an opaque value, or a
+/// tombstone for an output that was not kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum RecordKind {
     /// The response was recorded in full and is replayed as it was.
     Response,
-    /// The request completed but its body exceeded the layer's
-    /// `max_response_body`; a retry is told so instead of running again.
+    /// The request completed but its output was not kept (a response body
+    /// over the layer's `max_response_body`, or a value its codec could not
+    /// encode); a retry is told so instead of running again.
     Tombstone,
+    /// A handler's output, encoded by the caller's codec: the message
+    /// face's record. Only [`body`](Record::body) and the fingerprint are
+    /// meaningful.
+    Value,
 }
 
-/// A completed request: its fingerprint and the response to replay.
+/// A completed request: its fingerprint and the outcome to replay.
 ///
 /// Cloning is cheap: the body and the header lists are reference counted.
 #[derive(Clone, PartialEq, Eq)]
@@ -134,6 +146,31 @@ impl Record {
         }
     }
 
+    /// A recorded value: the opaque bytes a codec made of a handler's
+    /// output. Its status is `200` and it has no headers; neither means
+    /// anything.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use tower_idempotency::{Fingerprint, Record, RecordKind};
+    ///
+    /// let record = Record::value(Fingerprint::from_bytes([1; 32]), Bytes::from_static(b"42"));
+    /// let decoded = Record::decode(&record.encode()).unwrap();
+    /// assert_eq!(decoded.kind(), RecordKind::Value);
+    /// assert_eq!(decoded.body(), "42");
+    /// ```
+    pub fn value(fingerprint: Fingerprint, value: Bytes) -> Self {
+        Self {
+            kind: RecordKind::Value,
+            fingerprint,
+            created_at_ms: now_ms(),
+            status: StatusCode::OK,
+            headers: Vec::new(),
+            trailers: None,
+            body: value,
+        }
+    }
+
     /// Sets the trailers recorded after the body (gRPC-style responses).
     #[must_use]
     pub fn with_trailers(mut self, trailers: Vec<(HeaderName, HeaderValue)>) -> Self {
@@ -206,7 +243,7 @@ impl Record {
         let len = 2 + 1 + 1 + 32 + 8 + 2 + self.fields_len() + 4 + self.body.len() + CHECKSUM_LEN;
         let mut out = BytesMut::with_capacity(len);
         out.put_slice(MAGIC);
-        out.put_u8(VERSION);
+        out.put_u8(self.format_version());
         out.put_u8(self.kind_byte());
         out.put_slice(self.fingerprint.as_bytes());
         out.put_u64(self.created_at_ms);
@@ -250,6 +287,15 @@ impl Record {
         match self.kind {
             RecordKind::Response => 0,
             RecordKind::Tombstone => 1,
+            RecordKind::Value => 2,
+        }
+    }
+
+    /// The oldest format version that holds this record's kind.
+    fn format_version(&self) -> u8 {
+        match self.kind {
+            RecordKind::Response | RecordKind::Tombstone => 1,
+            RecordKind::Value => 2,
         }
     }
 
@@ -298,10 +344,13 @@ impl Record {
             return Err(DecodeError::new("bad magic"));
         }
         let version = r.u8()?;
-        if version != VERSION {
+        if !(1..=VERSION).contains(&version) {
             return Err(DecodeError::new("unsupported version"));
         }
         let mut record = r.record_without_body()?;
+        if record.format_version() > version {
+            return Err(DecodeError::new("record kind newer than its version"));
+        }
         let body_len = r.u32()? as usize;
         record.body = r.take(body_len)?;
         if r.buf.has_remaining() {
@@ -336,6 +385,7 @@ fn kind_from(byte: u8) -> Result<RecordKind, DecodeError> {
     match byte {
         0 => Ok(RecordKind::Response),
         1 => Ok(RecordKind::Tombstone),
+        2 => Ok(RecordKind::Value),
         _ => Err(DecodeError::new("unknown record kind")),
     }
 }
@@ -507,6 +557,54 @@ mod tests {
     }
 
     #[test]
+    fn value_records_are_version_2_and_http_records_stay_version_1() {
+        let value = Record::value(Fingerprint::from_bytes([4; 32]), Bytes::from_static(b"{}"));
+        let bytes = value.encode();
+        assert_eq!(bytes[2], 2, "a value record needs version 2");
+        assert_eq!(Record::decode(&bytes).unwrap(), value);
+        assert_eq!(
+            Record::from_compact(value.to_compact()).unwrap(),
+            value,
+            "the in-process form knows values too"
+        );
+        assert_eq!(sample().encode()[2], 1, "an old reader can read it");
+        // A value kind under version 1 is refused: version 1 had no such kind.
+        let mut bad = bytes[..bytes.len() - CHECKSUM_LEN].to_vec();
+        bad[2] = 1;
+        assert_eq!(
+            Record::decode(&seal(bad)).unwrap_err().to_string(),
+            "cannot decode idempotency record: record kind newer than its version"
+        );
+    }
+
+    /// A version-1 record as the previous release wrote it, byte for byte:
+    /// it still decodes.
+    #[test]
+    fn a_version_1_record_from_the_previous_release_decodes() {
+        let mut v1 = Vec::new();
+        v1.extend_from_slice(b"TI");
+        v1.push(1); // version
+        v1.push(0); // response
+        v1.extend_from_slice(&[5; 32]);
+        v1.extend_from_slice(&1_700_000_000_000u64.to_be_bytes());
+        v1.extend_from_slice(&201u16.to_be_bytes());
+        v1.extend_from_slice(&1u32.to_be_bytes());
+        v1.extend_from_slice(&8u16.to_be_bytes());
+        v1.extend_from_slice(b"location");
+        v1.extend_from_slice(&3u32.to_be_bytes());
+        v1.extend_from_slice(b"/o1");
+        v1.extend_from_slice(&0u32.to_be_bytes()); // trailers
+        v1.extend_from_slice(&2u32.to_be_bytes());
+        v1.extend_from_slice(b"ok");
+        let record = Record::decode(&seal(v1)).unwrap();
+        assert_eq!(record.kind(), RecordKind::Response);
+        assert_eq!(record.status(), StatusCode::CREATED);
+        assert_eq!(record.headers()[0].1, "/o1");
+        assert_eq!(record.body(), "ok");
+        assert_eq!(record.fingerprint(), &Fingerprint::from_bytes([5; 32]));
+    }
+
+    #[test]
     fn tombstone_round_trips() {
         let record = Record::tombstone(Fingerprint::from_bytes([1; 32]), StatusCode::OK, vec![]);
         let decoded = Record::decode(&record.encode()).unwrap();
@@ -552,6 +650,9 @@ mod tests {
     fn structural_checks_behind_the_checksum() {
         let mut bytes = unsealed();
         bytes[2] = 99; // version
+        assert!(Record::decode(&seal(bytes)).is_err());
+        let mut bytes = unsealed();
+        bytes[2] = 0; // version 0 never existed
         assert!(Record::decode(&seal(bytes)).is_err());
         let mut bytes = unsealed();
         bytes.push(0);

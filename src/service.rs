@@ -1,29 +1,26 @@
 //! [`Idempotency`]: the request path.
 
 use std::fmt;
-use std::future::Future;
 use std::marker::PhantomData;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header};
 use http_body::Body;
-use tokio::time::Instant;
 use tower_service::Service;
 use tracing::Instrument;
 
 use crate::body::{BodyMode, Collected, ResponseBody, WrapBody, collect};
+use crate::engine::{Acquired, Completion, Engine, Executed};
 use crate::fingerprint::Fingerprint;
-use crate::future::{CatchUnwind, Detached, ResponseFuture};
+use crate::future::{Detached, ResponseFuture};
 use crate::key::{IdempotencyKey, KeyError, key_from_headers};
-use crate::layer::{Config, InFlightPolicy, Retention, StoreErrorPolicy};
-use crate::observe::{Outcome, mark, store_latency};
+use crate::layer::{Config, Retention};
+use crate::observe::{Outcome, mark};
 use crate::problem::Rejection;
 use crate::record::{Record, RecordKind};
-use crate::store::{Begin, LockToken, Store, StoreError, StoreKey};
+use crate::store::{LockToken, StoreKey};
 
 /// Middleware that runs each keyed request once and replays its response to
 /// every retry. Made by [`IdempotencyLayer`](crate::IdempotencyLayer).
@@ -43,7 +40,7 @@ pub struct Idempotency<S, M = WrapBody> {
 /// behind one reference count.
 #[derive(Clone)]
 pub(crate) struct Shared {
-    pub(crate) store: Arc<dyn Store>,
+    pub(crate) engine: Engine,
     pub(crate) config: Config,
 }
 
@@ -170,13 +167,6 @@ impl std::ops::Deref for Ctx {
     }
 }
 
-#[allow(clippy::large_enum_variant)] // built once per request, boxing would cost an allocation
-enum Acquire<B: Body> {
-    Token(LockToken),
-    Respond(Response<ResponseBody<B>>),
-    FailOpen,
-}
-
 impl Ctx {
     async fn run<S, ReqBody, ResBody>(
         self,
@@ -250,97 +240,22 @@ impl Ctx {
         S::Future: Send + 'static,
         ResBody: Body + Send + 'static,
     {
-        match self.acquire(&key, &fingerprint).await {
-            Acquire::Token(token) => self.execute(inner, req, key, token, fingerprint).await,
-            Acquire::Respond(res) => Ok(res),
-            Acquire::FailOpen => {
+        let retry_after = self.config.retry_after;
+        match self.engine.acquire(&key, &fingerprint).await {
+            Acquired::Lock(token) => self.execute(inner, req, key, token, fingerprint).await,
+            Acquired::Replay(record) => Ok(self.replay(record)),
+            Acquired::Mismatch => Ok(reject(Rejection::KeyReused, Outcome::Mismatch)),
+            Acquired::InFlight => Ok(reject(
+                Rejection::InFlight { retry_after },
+                Outcome::Conflict,
+            )),
+            Acquired::Failed(_) => Ok(reject(
+                Rejection::StoreUnavailable { retry_after },
+                Outcome::StoreError,
+            )),
+            Acquired::FailOpen => {
                 let res = inner.call(req).await?;
                 Ok(mark(res.map(ResponseBody::stream), Outcome::FailedOpen))
-            }
-        }
-    }
-
-    /// Bounds one store call by the configured timeout, and times it.
-    async fn bounded<T>(
-        &self,
-        op: &'static str,
-        call: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
-        // Read the clock only for someone who will see the figure.
-        let timed = cfg!(feature = "metrics") || !tracing::Span::current().is_disabled();
-        let started = timed.then(Instant::now);
-        let out = Bounded::new(call, self.config.store_timeout).await;
-        if let Some(started) = started {
-            store_latency(op, started.elapsed());
-        }
-        out
-    }
-
-    async fn acquire<B: Body>(&self, key: &StoreKey, fingerprint: &Fingerprint) -> Acquire<B> {
-        let deadline = match self.config.in_flight {
-            InFlightPolicy::Wait(bound) => Some(Instant::now() + bound),
-            InFlightPolicy::Reject => None,
-        };
-        loop {
-            let begun = self
-                .bounded(
-                    "begin",
-                    self.store
-                        .as_ref()
-                        .begin(key, fingerprint, self.config.lease),
-                )
-                .await;
-            match begun {
-                Ok(Begin::Acquired(token)) => return Acquire::Token(token),
-                Ok(Begin::Completed(record)) => {
-                    if record.fingerprint() != fingerprint {
-                        tracing::debug!(key = %key, outcome = "mismatch");
-                        return Acquire::Respond(reject(Rejection::KeyReused, Outcome::Mismatch));
-                    }
-                    tracing::debug!(key = %key, outcome = "replayed");
-                    return Acquire::Respond(self.replay(record));
-                }
-                Ok(Begin::InFlight { fingerprint: held }) => {
-                    if held != *fingerprint {
-                        tracing::debug!(key = %key, outcome = "mismatch");
-                        return Acquire::Respond(reject(Rejection::KeyReused, Outcome::Mismatch));
-                    }
-                    let now = Instant::now();
-                    match deadline {
-                        Some(deadline) if now < deadline => {
-                            let left = deadline - now;
-                            let waited = tokio::time::timeout(
-                                left + self.config.store_timeout,
-                                self.store.as_ref().wait(key, left),
-                            )
-                            .await;
-                            if let Ok(Err(e)) = waited {
-                                log_store_error("wait", key, &e);
-                            }
-                        }
-                        _ => {
-                            tracing::debug!(key = %key, outcome = "conflict");
-                            return Acquire::Respond(reject(
-                                Rejection::InFlight {
-                                    retry_after: self.config.retry_after,
-                                },
-                                Outcome::Conflict,
-                            ));
-                        }
-                    }
-                }
-                Err(e) => {
-                    log_store_error("begin", key, &e);
-                    return match self.config.on_store_error {
-                        StoreErrorPolicy::FailClosed => Acquire::Respond(reject(
-                            Rejection::StoreUnavailable {
-                                retry_after: self.config.retry_after,
-                            },
-                            Outcome::StoreError,
-                        )),
-                        StoreErrorPolicy::FailOpen => Acquire::FailOpen,
-                    };
-                }
             }
         }
     }
@@ -358,38 +273,39 @@ impl Ctx {
         ResBody: Body,
     {
         let mut req = req;
-        self.store.attach(&key, &token, req.extensions_mut());
-        let call = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.call(req)));
-        let outcome = match call {
-            Ok(fut) => {
-                let fut = std::pin::pin!(CatchUnwind::new(fut));
-                self.heartbeat(&key, &token, fut).await
-            }
-            Err(panic) => Err(panic),
-        };
-        let res = match outcome {
-            Err(_panic) => {
+        if let Some(attachment) = self.engine.attachment(&key, &token) {
+            attachment.insert_into(req.extensions_mut());
+        }
+        let res = match self
+            .engine
+            .execute(&key, &token, || inner.call(req), None)
+            .await
+        {
+            Executed::Panicked => {
                 tracing::error!(key = %key, outcome = "released", "handler panicked; the key is released");
-                self.release(&key, &token).await;
+                self.engine.release(&key, &token).await;
                 return Ok(reject(Rejection::HandlerPanicked, Outcome::Released));
             }
-            Ok(Err(e)) => {
+            Executed::Done { output: Err(e), .. } => {
                 tracing::debug!(key = %key, outcome = "released", "handler failed; the key is released");
-                self.release(&key, &token).await;
+                self.engine.release(&key, &token).await;
                 return Err(e);
             }
-            Ok(Ok(res)) => res,
+            Executed::Done {
+                output: Ok(res), ..
+            } => res,
         };
         let (parts, body) = res.into_parts();
+        let default_ttl = self.engine.settings.ttl;
         let (record, ttl) = match parts.extensions.get::<Retention>() {
-            Some(Retention::DoNotRecord) => (false, self.config.ttl),
-            Some(Retention::Record) => (true, self.config.ttl),
+            Some(Retention::DoNotRecord) => (false, default_ttl),
+            Some(Retention::Record) => (true, default_ttl),
             Some(Retention::RecordFor(ttl)) => (true, *ttl),
-            None => ((self.config.record_if)(parts.status), self.config.ttl),
+            None => ((self.config.record_if)(parts.status), default_ttl),
         };
         if !record {
             tracing::debug!(key = %key, status = parts.status.as_u16(), outcome = "released", "response not recorded");
-            self.release(&key, &token).await;
+            self.engine.release(&key, &token).await;
             let res = Response::from_parts(parts, ResponseBody::stream(body));
             return Ok(mark(res, Outcome::Released));
         }
@@ -398,7 +314,7 @@ impl Ctx {
             self.config.max_response_body,
             |_| {}
         ));
-        let collected = self.heartbeat(&key, &token, collecting).await;
+        let (collected, _) = self.engine.heartbeat(&key, &token, collecting, None).await;
         match collected {
             Collected::Full { data, trailers } => {
                 // The body goes into the record and comes back out of it
@@ -410,8 +326,9 @@ impl Ctx {
                     data,
                 )
                 .with_trailers(trailers.as_ref().map(fields).unwrap_or_default());
-                let written = self.complete(key, token, &record, ttl).await;
-                if !written && let Some(res) = self.rolled_back(&key) {
+                if let Some(res) =
+                    self.rolled_back(self.engine.complete(key, token, &record, ttl).await)
+                {
                     return Ok(res);
                 }
                 tracing::debug!(key = %key, status = parts.status.as_u16(), outcome = "executed");
@@ -422,8 +339,9 @@ impl Ctx {
             Collected::TooLarge { prefix, rest } => {
                 let record =
                     Record::tombstone(fingerprint, parts.status, self.recordable(&parts.headers));
-                let written = self.complete(key, token, &record, ttl).await;
-                if !written && let Some(res) = self.rolled_back(&key) {
+                if let Some(res) =
+                    self.rolled_back(self.engine.complete(key, token, &record, ttl).await)
+                {
                     return Ok(res);
                 }
                 tracing::warn!(key = %key, status = parts.status.as_u16(), outcome = "tombstone",
@@ -433,160 +351,24 @@ impl Ctx {
             }
             Collected::Failed { error } => {
                 tracing::debug!(key = %key, outcome = "released", "response body failed; the key is released");
-                self.release(&key, &token).await;
+                self.engine.release(&key, &token).await;
                 let res = Response::from_parts(parts, ResponseBody::failed(error));
                 Ok(mark(res, Outcome::Released))
             }
         }
     }
 
-    /// Runs `fut` while extending the lease every third of it. Pinned by
-    /// the caller: an async fn that takes a future by value holds it twice.
-    async fn heartbeat<F: Future>(
-        &self,
-        key: &StoreKey,
-        token: &LockToken,
-        mut fut: Pin<&mut F>,
-    ) -> F::Output {
-        // A future that finishes on its first poll needs no heartbeat, and
-        // its request's future no room for one.
-        if let Poll::Ready(out) =
-            std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await
-        {
-            return out;
-        }
-        let lease = self.config.lease;
-        let beat = Box::pin(async {
-            loop {
-                tokio::time::sleep(lease / 3).await;
-                match self
-                    .bounded("extend", self.store.as_ref().extend(key, token, lease))
-                    .await
-                {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::warn!(key = %key, "lease lost while the handler ran: another request took the key over; this response will not be recorded");
-                        return;
-                    }
-                    Err(e) => log_store_error("extend", key, &e),
-                }
-            }
-        });
-        tokio::select! {
-            biased;
-            out = &mut fut => return out,
-            () = beat => {}
-        }
-        fut.await
-    }
-
-    async fn release(&self, key: &StoreKey, token: &LockToken) {
-        match self
-            .bounded("release", self.store.as_ref().release(key, token))
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(key = %key, "release found the lock taken over");
-            }
-            Err(e) => {
-                log_store_error("release", key, &e);
-                // A lock left behind refuses every retry until its lease
-                // ends: keep trying in the background, as for `complete`.
-                let (this, key, token) = (self.clone(), *key, *token);
-                tokio::spawn(async move {
-                    for attempt in 0..this.config.complete_retries {
-                        tokio::time::sleep(this.backoff(attempt)).await;
-                        match this
-                            .bounded("release", this.store.as_ref().release(&key, &token))
-                            .await
-                        {
-                            Ok(_) => return,
-                            Err(e) => log_store_error("release retry", &key, &e),
-                        }
-                    }
-                });
-            }
-        }
-    }
-
-    /// The wait before background retry `attempt`: exponential from 50 ms,
-    /// and well inside the lease, which still holds the key while the store
-    /// recovers.
-    fn backoff(&self, attempt: u32) -> Duration {
-        Duration::from_millis(50 << attempt.min(10)).min(self.config.lease / 4)
-    }
-
-    /// Writes the record; on a store failure, answers the client anyway and
-    /// retries in the background (with a copy of the record) a bounded
-    /// number of times. Returns whether the record was written (at once).
-    async fn complete(
-        &self,
-        key: StoreKey,
-        token: LockToken,
-        record: &Record,
-        ttl: Duration,
-    ) -> bool {
-        match self
-            .bounded(
-                "complete",
-                self.store.as_ref().complete(&key, &token, record, ttl),
+    /// For a transactional store, a failed completion rolled the
+    /// handler's writes back: the client must not see the handler's answer.
+    fn rolled_back<B: Body>(&self, completion: Completion) -> Option<Response<ResponseBody<B>>> {
+        (completion == Completion::RolledBack).then(|| {
+            reject(
+                Rejection::StoreUnavailable {
+                    retry_after: self.config.retry_after,
+                },
+                Outcome::StoreError,
             )
-            .await
-        {
-            Ok(true) => return true,
-            Ok(false) => {
-                tracing::warn!(key = %key, "lease lost before completion: another request took the key over; this response is not recorded");
-                return false;
-            }
-            Err(e) => log_store_error("complete", &key, &e),
-        }
-        let retries = self.config.complete_retries;
-        if retries == 0 || self.store.commits_handler_writes() {
-            return false;
-        }
-        let record = record.clone();
-        let this = self.clone();
-        tokio::spawn(async move {
-            for attempt in 0..retries {
-                tokio::time::sleep(this.backoff(attempt)).await;
-                match this
-                    .bounded(
-                        "complete",
-                        this.store.as_ref().complete(&key, &token, &record, ttl),
-                    )
-                    .await
-                {
-                    Ok(true) => {
-                        tracing::info!(key = %key, attempt = attempt + 1, "record completed on retry");
-                        return;
-                    }
-                    Ok(false) => {
-                        tracing::warn!(key = %key, "lease lost before completion retry");
-                        return;
-                    }
-                    Err(e) => log_store_error("complete retry", &key, &e),
-                }
-            }
-            tracing::error!(key = %key, retries, "record not written: the key stays locked until its lease expires, then a retry runs again");
-        });
-        false
-    }
-
-    /// For a store that commits the handler's writes with the record: a
-    /// failed completion rolled them back, so the client must not see the
-    /// handler's answer.
-    fn rolled_back<B: Body>(&self, key: &StoreKey) -> Option<Response<ResponseBody<B>>> {
-        if !self.store.commits_handler_writes() {
-            return None;
-        }
-        tracing::error!(key = %key, "completion failed and the handler's writes were rolled back; answering 503");
-        Some(reject(
-            Rejection::StoreUnavailable {
-                retry_after: self.config.retry_after,
-            },
-            Outcome::StoreError,
-        ))
+        })
     }
 
     fn replay<B: Body>(&self, record: Record) -> Response<ResponseBody<B>> {
@@ -635,51 +417,6 @@ impl Ctx {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A store call bounded by `limit`. The timer is armed only if the call
-    /// does not answer on its first poll (the memory store always does):
-    /// arming one costs more than such a call, and a future that may need
-    /// one would carry it.
-    struct Bounded<F> {
-        #[pin]
-        call: F,
-        limit: Duration,
-        timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    }
-}
-
-impl<F> Bounded<F> {
-    fn new(call: F, limit: Duration) -> Self {
-        Self {
-            call,
-            limit,
-            timer: None,
-        }
-    }
-}
-
-impl<T, F> Future for Bounded<F>
-where
-    F: Future<Output = Result<T, StoreError>>,
-{
-    type Output = Result<T, StoreError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        if let Poll::Ready(out) = this.call.poll(cx) {
-            return Poll::Ready(out);
-        }
-        let limit = *this.limit;
-        let timer = this
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(StoreError::Timeout(limit))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
@@ -707,9 +444,4 @@ fn to_map(fields: &[(HeaderName, HeaderValue)]) -> HeaderMap {
         map.append(n.clone(), v.clone());
     }
     map
-}
-
-fn log_store_error(op: &'static str, key: &StoreKey, error: &StoreError) {
-    let source = std::error::Error::source(error).map(ToString::to_string);
-    tracing::error!(key = %key, op, error = %error, source = source.as_deref().unwrap_or(""), outcome = "store_error", "idempotency store call failed");
 }

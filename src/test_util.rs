@@ -34,7 +34,7 @@ use http::{HeaderName, HeaderValue, StatusCode};
 
 use crate::fingerprint::Fingerprint;
 use crate::record::Record;
-use crate::store::{Begin, LockToken, Store, StoreError, StoreKey};
+use crate::store::{Attachment, Begin, Capabilities, LockToken, Store, StoreError, StoreKey};
 
 /// A fresh random store key, so checks never collide in a shared backend.
 pub fn random_key() -> StoreKey {
@@ -96,8 +96,27 @@ async fn completed(store: &dyn Store, key: &StoreKey) -> Record {
     }
 }
 
+/// Checks the fingerprint an [`Begin::InFlight`] carries against what the
+/// store declares: the holder's own where it reports one, `None` where it
+/// says it cannot see it. Never the caller's in place of the holder's.
+fn assert_holder(store: &dyn Store, reported: Option<Fingerprint>, holder: Fingerprint) {
+    if store.capabilities().reports_in_flight_fingerprint() {
+        assert_eq!(
+            reported,
+            Some(holder),
+            "InFlight must carry the holder's fingerprint"
+        );
+    } else {
+        assert_eq!(
+            reported, None,
+            "a store that declares it cannot see the holder's fingerprint must say None"
+        );
+    }
+}
+
 /// 64 concurrent `begin`s on one key: exactly one acquires, every other
-/// sees the lock with the winner's fingerprint.
+/// sees the lock (with the winner's fingerprint, where the store reports
+/// one).
 pub async fn begin_is_exclusive(store: Arc<dyn Store>) {
     let key = random_key();
     let mut tasks = Vec::new();
@@ -111,7 +130,7 @@ pub async fn begin_is_exclusive(store: Arc<dyn Store>) {
     for task in tasks {
         match task.await.expect("task panicked").expect("begin failed") {
             Begin::Acquired(_) => acquired += 1,
-            Begin::InFlight { fingerprint } => assert_eq!(fingerprint, fp(1)),
+            Begin::InFlight { fingerprint } => assert_holder(&*store, fingerprint, fp(1)),
             Begin::Completed(_) => panic!("nothing was completed"),
         }
     }
@@ -134,12 +153,13 @@ pub async fn replay_after_complete(store: Arc<dyn Store>) {
 }
 
 /// `InFlight` and `Completed` carry the stored fingerprint, not the
-/// caller's.
+/// caller's (`InFlight` carries none where the store declares it cannot
+/// see it).
 pub async fn stored_fingerprint_is_returned(store: Arc<dyn Store>) {
     let key = random_key();
     let token = acquire(&*store, &key, &fp(3), LEASE).await;
     match store.begin(&key, &fp(4), LEASE).await.unwrap() {
-        Begin::InFlight { fingerprint } => assert_eq!(fingerprint, fp(3)),
+        Begin::InFlight { fingerprint } => assert_holder(&*store, fingerprint, fp(3)),
         other => panic!("expected InFlight, got {other:?}"),
     }
     assert!(
@@ -458,12 +478,12 @@ impl<S: Store> Store for FaultyStore<S> {
         self.inner.extend(key, token, lease).await
     }
 
-    fn attach(&self, key: &StoreKey, token: &LockToken, extensions: &mut http::Extensions) {
-        self.inner.attach(key, token, extensions);
+    fn attachment(&self, key: &StoreKey, token: &LockToken) -> Option<Attachment> {
+        self.inner.attachment(key, token)
     }
 
-    fn commits_handler_writes(&self) -> bool {
-        self.inner.commits_handler_writes()
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
     }
 
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {

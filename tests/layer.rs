@@ -1018,16 +1018,15 @@ impl Store for Transactional {
     ) -> Result<bool, tower_idempotency::StoreError> {
         self.0.extend(key, token, lease).await
     }
-    fn attach(
+    fn attachment(
         &self,
         _key: &StoreKey,
         token: &tower_idempotency::LockToken,
-        extensions: &mut axum::http::Extensions,
-    ) {
-        extensions.insert(Attached(*token));
+    ) -> Option<tower_idempotency::store::Attachment> {
+        Some(tower_idempotency::store::Attachment::new(Attached(*token)))
     }
-    fn commits_handler_writes(&self) -> bool {
-        true
+    fn capabilities(&self) -> tower_idempotency::store::Capabilities {
+        tower_idempotency::store::Capabilities::new().with_transactional(true)
     }
 }
 

@@ -348,7 +348,7 @@ async fn begin_is_exclusive_under_takeover_races() {
             }
         }
         let winner = winner.unwrap();
-        assert!(seen.iter().all(|f| *f == winner), "round {round}");
+        assert!(seen.iter().all(|f| *f == Some(winner)), "round {round}");
     }
     drop_table(&store).await;
 }

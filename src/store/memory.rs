@@ -497,7 +497,7 @@ impl Store for MemoryStore {
             if e.expires_at > now {
                 return match &e.state {
                     State::InFlight(lock) => Ok(Begin::InFlight {
-                        fingerprint: lock.fingerprint,
+                        fingerprint: Some(lock.fingerprint),
                     }),
                     State::Completed(buf) => {
                         Ok(Begin::Completed(Record::from_compact(buf.clone())?))
@@ -875,7 +875,7 @@ mod tests {
                         (Some((M::Held(_, f), _)), Begin::InFlight { fingerprint }) => {
                             assert_eq!(
                                 fingerprint,
-                                Fingerprint::from_bytes([f; 32]),
+                                Some(Fingerprint::from_bytes([f; 32])),
                                 "step {step}"
                             );
                         }

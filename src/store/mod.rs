@@ -30,6 +30,8 @@ use async_trait::async_trait;
 use crate::fingerprint::{Fingerprint, hex_prefix};
 use crate::record::{DecodeError, Record};
 
+pub use crate::attachment::Attachment;
+
 pub mod memory;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
@@ -158,10 +160,14 @@ impl fmt::Debug for LockToken {
 pub enum Begin {
     /// The caller holds the lock and runs the request.
     Acquired(LockToken),
-    /// Another caller holds a live lock for a request with this fingerprint.
+    /// Another caller holds a live lock.
     InFlight {
-        /// The fingerprint of the request that holds the lock.
-        fingerprint: Fingerprint,
+        /// The fingerprint of the request that holds the lock, if the store
+        /// knows it. A store that cannot see it (a lock held by an
+        /// uncommitted transaction) says `None` and declares so in its
+        /// [`Capabilities`]; it never reports the caller's own fingerprint
+        /// as the holder's.
+        fingerprint: Option<Fingerprint>,
     },
     /// The request completed; replay this record.
     Completed(Record),
@@ -187,6 +193,10 @@ pub enum StoreError {
     /// The store is full of live locks and cannot take another.
     #[error("idempotency store is at capacity")]
     CapacityExceeded,
+    /// A recorded value that the caller's codec could not decode (message
+    /// face): the engine fails closed rather than run the handler again.
+    #[error("idempotency record holds a value the codec cannot decode")]
+    Undecodable(#[source] BoxError),
     /// Any other backend failure.
     #[error("idempotency store failed")]
     Backend(#[source] BoxError),
@@ -248,21 +258,22 @@ pub trait Store: Send + Sync + 'static {
         lease: Duration,
     ) -> Result<bool, StoreError>;
 
-    /// Called once the lock is acquired, before the handler runs: a store
-    /// may put request-scoped state in the request's extensions (a
-    /// transactional store hands the handler its transaction this way).
-    /// The default does nothing.
-    fn attach(&self, key: &StoreKey, token: &LockToken, extensions: &mut http::Extensions) {
-        let _ = (key, token, extensions);
+    /// Request-scoped state for the holder of `token`, handed to the
+    /// handler once the lock is acquired and before it runs: a
+    /// transactional store hands over its open transaction this way. The
+    /// HTTP layer puts the value in the request's extensions; the message
+    /// face passes it to the handler. The default is `None`.
+    fn attachment(&self, key: &StoreKey, token: &LockToken) -> Option<Attachment> {
+        let _ = (key, token);
+        None
     }
 
-    /// Whether [`complete`](Store::complete) commits the handler's own
-    /// writes together with the record. If it does, a failed completion
-    /// means the handler's effects were rolled back: the layer then answers
-    /// 503 instead of the handler's response, and does not retry the write
-    /// in the background. The default is `false`.
-    fn commits_handler_writes(&self) -> bool {
-        false
+    /// What this store guarantees beyond the common contract. The engine
+    /// reads [`Capabilities::is_transactional`]; the conformance suite
+    /// checks every declared capability. The default is
+    /// [`Capabilities::new`].
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new()
     }
 
     /// Waits, at most `timeout`, until the in-flight record for `key` may
@@ -330,18 +341,122 @@ pub(crate) async fn release_unanswered<S: Store + ?Sized>(
     key: &StoreKey,
     token: &LockToken,
 ) {
-    for attempt in 0..6u32 {
-        match store.release(key, token).await {
-            Ok(released) => {
-                if released {
-                    tracing::info!(key = %key, "released a lock whose begin went unanswered");
-                }
-                return;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100 << attempt)).await,
+    let first = store.release(key, token).await;
+    let released = match first {
+        Ok(released) => Some(released),
+        Err(_) => {
+            retry_with_backoff(
+                "release unanswered",
+                key,
+                6,
+                |attempt| Duration::from_millis(100 << attempt),
+                || store.release(key, token),
+            )
+            .await
+        }
+    };
+    match released {
+        Some(true) => {
+            tracing::info!(key = %key, "released a lock whose begin went unanswered")
+        }
+        Some(false) => {}
+        None => {
+            tracing::warn!(key = %key, "could not release a lock whose begin went unanswered; it expires with its lease")
         }
     }
-    tracing::warn!(key = %key, "could not release a lock whose begin went unanswered; it expires with its lease");
+}
+
+/// The one retry loop for store writes that must not be lost (a record, a
+/// release): up to `attempts` more calls, each after `backoff(attempt)`.
+/// Returns the first answer, or `None` if every attempt failed; each
+/// failure is logged.
+pub(crate) async fn retry_with_backoff<F, Fut>(
+    op: &'static str,
+    key: &StoreKey,
+    attempts: u32,
+    backoff: impl Fn(u32) -> Duration,
+    mut call: F,
+) -> Option<bool>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool, StoreError>>,
+{
+    for attempt in 0..attempts {
+        tokio::time::sleep(backoff(attempt)).await;
+        match call().await {
+            Ok(answer) => return Some(answer),
+            Err(e) => log_store_error(op, key, &e),
+        }
+    }
+    None
+}
+
+/// Logs a failed store call with the key's hash prefix (never the key) and
+/// the error's source.
+pub(crate) fn log_store_error(op: &'static str, key: &StoreKey, error: &StoreError) {
+    let source = std::error::Error::source(error).map(ToString::to_string);
+    tracing::error!(key = %key, op, error = %error, source = source.as_deref().unwrap_or(""), outcome = "store_error", "idempotency store call failed");
+}
+
+/// What a store guarantees beyond the common contract, as
+/// [`Store::capabilities`] declares it.
+///
+/// ```
+/// use tower_idempotency::store::Capabilities;
+///
+/// let caps = Capabilities::new().with_transactional(true).with_in_flight_fingerprint(false);
+/// assert!(caps.is_transactional());
+/// assert!(!caps.reports_in_flight_fingerprint());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capabilities {
+    transactional: bool,
+    in_flight_fingerprint: bool,
+}
+
+impl Default for Capabilities {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Capabilities {
+    /// The common case: not transactional, and [`Begin::InFlight`] carries
+    /// the holder's fingerprint.
+    pub const fn new() -> Self {
+        Self {
+            transactional: false,
+            in_flight_fingerprint: true,
+        }
+    }
+
+    /// Whether [`complete`](Store::complete) commits the handler's own
+    /// writes together with the record (and [`release`](Store::release)
+    /// rolls them back). If so, a failed completion means the handler's
+    /// effects were rolled back: the engine reports a store failure
+    /// instead of the handler's output, and does not retry the write in
+    /// the background.
+    pub const fn with_transactional(mut self, yes: bool) -> Self {
+        self.transactional = yes;
+        self
+    }
+
+    /// Whether [`Begin::InFlight`] carries the holder's fingerprint
+    /// (`Some`) or the store cannot see it (`None`).
+    pub const fn with_in_flight_fingerprint(mut self, yes: bool) -> Self {
+        self.in_flight_fingerprint = yes;
+        self
+    }
+
+    /// See [`with_transactional`](Self::with_transactional).
+    pub const fn is_transactional(&self) -> bool {
+        self.transactional
+    }
+
+    /// See [`with_in_flight_fingerprint`](Self::with_in_flight_fingerprint).
+    pub const fn reports_in_flight_fingerprint(&self) -> bool {
+        self.in_flight_fingerprint
+    }
 }
 
 #[async_trait]
@@ -374,11 +489,11 @@ impl<T: Store + ?Sized> Store for std::sync::Arc<T> {
     ) -> Result<bool, StoreError> {
         (**self).extend(key, token, lease).await
     }
-    fn attach(&self, key: &StoreKey, token: &LockToken, extensions: &mut http::Extensions) {
-        (**self).attach(key, token, extensions);
+    fn attachment(&self, key: &StoreKey, token: &LockToken) -> Option<Attachment> {
+        (**self).attachment(key, token)
     }
-    fn commits_handler_writes(&self) -> bool {
-        (**self).commits_handler_writes()
+    fn capabilities(&self) -> Capabilities {
+        (**self).capabilities()
     }
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
         (**self).wait(key, timeout).await

@@ -575,7 +575,7 @@ pub(super) fn live_row(row: &sqlx::postgres::PgRow) -> Result<Begin, StoreError>
                 .and_then(|bytes| <[u8; 32]>::try_from(bytes.as_slice()).ok())
                 .ok_or_else(|| malformed("fingerprint is not 32 bytes"))?;
             Ok(Begin::InFlight {
-                fingerprint: Fingerprint::from_bytes(stored),
+                fingerprint: Some(Fingerprint::from_bytes(stored)),
             })
         }
         Some(1) => {

@@ -134,7 +134,7 @@ use tokio::sync::{Mutex as AsyncMutex, OwnedMappedMutexGuard, OwnedMutexGuard};
 use tokio::time::Instant;
 
 use super::postgres::{PgPool, PostgresStore, interval_secs, live_row};
-use super::{Begin, LockToken, Store, StoreError, StoreKey};
+use super::{Attachment, Begin, Capabilities, LockToken, Store, StoreError, StoreKey};
 use crate::fingerprint::Fingerprint;
 use crate::record::Record;
 
@@ -419,6 +419,9 @@ impl Store for TransactionalPostgresStore {
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Begin, StoreError> {
+        // The fingerprint is committed with the record: an in-flight
+        // transaction's is invisible to everyone else, so begin needs none.
+        let _ = fingerprint;
         self.purge_abandoned().await;
         let timeout = self.pg.timeout();
         let deadline = Instant::now() + timeout;
@@ -447,11 +450,8 @@ impl Store for TransactionalPostgresStore {
             .await?;
         let Some((tx, row)) = locked else {
             // Another live transaction holds the key. Its fingerprint is not
-            // committed anywhere; the caller's makes the layer answer 409
-            // (or wait).
-            return Ok(Begin::InFlight {
-                fingerprint: *fingerprint,
-            });
+            // committed anywhere: say so, rather than guess.
+            return Ok(Begin::InFlight { fingerprint: None });
         };
         if let Some(row) = row {
             // Completed, or locked by the ordinary mode on the same table.
@@ -551,16 +551,18 @@ impl Store for TransactionalPostgresStore {
         }
     }
 
-    fn attach(&self, key: &StoreKey, token: &LockToken, extensions: &mut http::Extensions) {
+    fn attachment(&self, key: &StoreKey, token: &LockToken) -> Option<Attachment> {
         let slot = match self.open.lock().get(token) {
             Some(entry) if entry.key == *key => Arc::downgrade(&entry.slot),
             _ => Weak::new(),
         };
-        extensions.insert(IdempotentTransaction { slot });
+        Some(Attachment::new(IdempotentTransaction { slot }))
     }
 
-    fn commits_handler_writes(&self) -> bool {
-        true
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new()
+            .with_transactional(true)
+            .with_in_flight_fingerprint(false)
     }
 
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {

@@ -375,7 +375,7 @@ fn decode_value(value: Bytes) -> Result<Begin, StoreError> {
             let mut fingerprint = [0u8; 32];
             fingerprint.copy_from_slice(&value[FENCE_LEN..]);
             Ok(Begin::InFlight {
-                fingerprint: Fingerprint::from_bytes(fingerprint),
+                fingerprint: Some(Fingerprint::from_bytes(fingerprint)),
             })
         }
         Some(&COMPLETED) => Ok(Begin::Completed(Record::decode_bytes(value.slice(1..))?)),
