@@ -383,6 +383,9 @@ impl Engine {
             Err(e) => log_store_error("complete", &key, &e),
         }
         if self.is_transactional() {
+            // The store finishes its transaction in `complete` whatever
+            // happens; a release makes sure of it (fenced: a no-op then).
+            self.release(&key, &token).await;
             tracing::error!(key = %key, "completion failed and the handler's writes were rolled back");
             return Completion::RolledBack;
         }

@@ -266,6 +266,21 @@ pub async fn large_record_round_trip(store: Arc<dyn Store>) {
     );
 }
 
+/// A value record (the message face's) round-trips like a response: kind,
+/// fingerprint and bytes, an empty value included.
+pub async fn value_record_round_trip(store: Arc<dyn Store>) {
+    for value in [Bytes::from_static(br#"{"charge_id":"ch_1"}"#), Bytes::new()] {
+        let key = random_key();
+        let token = acquire(&*store, &key, &fp(13), LEASE).await;
+        let record = Record::value(fp(13), value.clone());
+        assert!(store.complete(&key, &token, &record, TTL).await.unwrap());
+        let replay = completed(&*store, &key).await;
+        assert_eq!(replay.kind(), crate::RecordKind::Value);
+        assert_eq!(replay.body(), &value);
+        assert_eq!(*replay.fingerprint(), fp(13));
+    }
+}
+
 /// Completing a key nobody locked is refused and writes nothing.
 pub async fn complete_without_lock_is_refused(store: Arc<dyn Store>) {
     let key = random_key();
@@ -319,6 +334,7 @@ macro_rules! store_conformance_tests {
             extend_keeps_the_lock,
             ttl_expires,
             large_record_round_trip,
+            value_record_round_trip,
             complete_without_lock_is_refused,
             keys_are_independent,
         );

@@ -744,3 +744,88 @@ async fn handle_lifecycle() {
     assert!(store.release(&key, &next).await.unwrap());
     db.drop_tables().await;
 }
+
+/// The message face on the transactional store: the side effect, written
+/// on the attached transaction, and the record commit together. A
+/// redelivery replays; a handler error, a failed commit, or a lost lease
+/// leave nothing behind, and the redelivery then runs cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_face_commits_the_effect_with_the_record() {
+    use tower_idempotency::message::{BytesCodec, IdempotentConsumer, MessageKey, Processed};
+    use tower_idempotency::store::Attachment;
+    use tower_idempotency::test_util::{Fault, FaultyStore, Op};
+
+    let Some(url) = database_url() else { return };
+    let db = Db::new(&url).await;
+    let store = Arc::new(FaultyStore::new(db.store.clone()));
+    let consumer = IdempotentConsumer::from_arc(store.clone()).with_codec(BytesCodec);
+    let orders: Arc<str> = db.orders.clone().into();
+    // Inserts an order on the attached transaction; fails after it if asked.
+    let handler = |orders: Arc<str>, fail: bool| {
+        move |attachment: Option<Attachment>| async move {
+            let tx = attachment
+                .as_ref()
+                .and_then(|a| a.get::<IdempotentTransaction>())
+                .ok_or("no transaction attached")?
+                .clone();
+            let mut conn = tx.lock().await?;
+            let id: i64 = sqlx::query_scalar(&format!(
+                "INSERT INTO {orders} (item) VALUES ('book') RETURNING id"
+            ))
+            .fetch_one(&mut *conn)
+            .await?;
+            if fail {
+                return Err::<Bytes, tower_idempotency::BoxError>("the handler failed".into());
+            }
+            Ok(Bytes::from(id.to_string()))
+        }
+    };
+    let msg = |id: &str| MessageKey::new("billing", id, "{}");
+
+    let first = consumer
+        .process(msg("m1"), handler(orders.clone(), false))
+        .await
+        .unwrap();
+    let Processed::Ran(order_id) = first else {
+        panic!("expected Ran, got {first:?}")
+    };
+    let again = consumer
+        .process(msg("m1"), handler(orders.clone(), false))
+        .await
+        .unwrap();
+    assert!(matches!(&again, Processed::Replayed(id) if *id == order_id));
+    assert_eq!(db.orders().await, 1);
+    assert_eq!(db.records().await, 1);
+
+    // A handler error rolls its insert back; the redelivery runs.
+    let failed = consumer
+        .process(msg("m2"), handler(orders.clone(), true))
+        .await;
+    assert!(failed.is_err());
+    assert_eq!(db.orders().await, 1);
+    assert_eq!(store.inner().open_transactions(), 0);
+
+    // A commit that fails: the insert is rolled back with the record, and
+    // the consumer is told nothing happened.
+    store.inject(Op::Complete, Fault::Fail, 1);
+    let rolled = consumer
+        .process(msg("m2"), handler(orders.clone(), false))
+        .await
+        .unwrap();
+    assert!(matches!(rolled, Processed::RolledBack), "{rolled:?}");
+    assert_eq!(db.orders().await, 1);
+    assert_eq!(store.inner().open_transactions(), 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(store.calls(Op::Complete), 2, "a rolled-back write is not retried");
+
+    let ran = consumer
+        .process(msg("m2"), handler(orders.clone(), false))
+        .await
+        .unwrap();
+    assert!(matches!(ran, Processed::Ran(_)));
+    assert_eq!(db.orders().await, 2);
+    assert_eq!(db.records().await, 2);
+    drop(consumer);
+    drop(store);
+    db.drop_tables().await;
+}
