@@ -1,5 +1,6 @@
 //! Idempotency-Key middleware for [Tower] and [axum]: run a request once,
-//! record its response, replay that record to every retry.
+//! record its response, replay that record to every retry. The same engine
+//! makes queue consumers exactly-once ([`message`]).
 //!
 //! Networks time out, load balancers retry, users double-click, webhook
 //! senders redeliver: without protection every retry of a `POST /payments`
@@ -68,6 +69,54 @@
 //!   runs without its lock. A record write that fails after the handler ran
 //!   still answers the client and is retried in the background.
 //!
+//! # One engine, two faces
+//!
+//! ```text
+//! faces     HTTP: IdempotencyLayer          messages: IdempotentConsumer,
+//!           (Idempotency-Key, fingerprint    MessageLayer (message id,
+//!           of method+target+body,           payload fingerprint, a codec
+//!           problem+json, response replay)   for the output, Processed)
+//!                        \                      /
+//! engine    acquire (in-flight and store-error policies, mismatch check)
+//!           -> execute (heartbeat + hook, panic caught, lease loss noticed)
+//!           -> complete / release (fenced; background retries; a failed
+//!              commit of a transactional store rolls the handler back)
+//!                                   |
+//! contract  Store: begin / complete / release / extend / wait over StoreKey,
+//!           Fingerprint, LockToken and Record (response | value | tombstone);
+//!           attachment() for request-scoped state, capabilities(); no http type
+//!                                   |
+//! backends  MemoryStore, RedisStore, PostgresStore, TransactionalPostgresStore
+//! ```
+//!
+//! A face turns its input into a store key and a fingerprint and its
+//! handler's outcome into a [`Record`]; everything that decides whether a
+//! handler runs, and what happens when something fails, lives once in the
+//! engine. Stores see neither HTTP nor brokers, so a new backend serves
+//! both faces, and the conformance suite ([`test_util`], feature
+//! `test-util`) proves it once for both.
+//!
+//! # Queue consumers
+//!
+//! ```
+//! use tower_idempotency::MemoryStore;
+//! use tower_idempotency::message::{Disposition, IdempotentConsumer, MessageKey};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let consumer = IdempotentConsumer::new(MemoryStore::new());
+//! for _delivery in 0..2 {
+//!     // The broker redelivers: the message id is the key, the payload its fingerprint.
+//!     let key = MessageKey::new("billing", "msg-1", br#"{"amount":42}"#);
+//!     let processed = consumer
+//!         .process(key, |_| async { Ok::<(), std::io::Error>(()) /* charge */ })
+//!         .await
+//!         .unwrap();
+//!     assert_eq!(processed.disposition(), Disposition::Ack);
+//! }
+//! # }
+//! ```
+//!
 //! # Configuration
 //!
 //! Every setting is a `with_*` builder on [`IdempotencyLayer`]; its docs
@@ -108,7 +157,8 @@
 //! | `TransactionalPostgresStore` (feature `postgres`) | the handler writes to that same database: its writes and the record commit in one transaction, so a crash can never run it twice. |
 //!
 //! Any other backend implements [`Store`] and proves itself with the
-//! conformance suite in `test_util` (feature `test-util`).
+//! conformance suite in `test_util` (feature `test-util`). Every store
+//! serves both the HTTP layer and the message face.
 //!
 //! # Testing handlers
 //!
@@ -160,6 +210,8 @@
 //!   outgoing requests.
 //! - `axum`: `From<ResponseBody<Body>>` for axum's `Body`, so that
 //!   [`IdempotencyLayer::keep_body_type`] works under axum.
+//! - `json`: `message::JsonCodec`, a message handler's output recorded as
+//!   JSON.
 //!
 //! [Tower]: https://docs.rs/tower
 //! [axum]: https://docs.rs/axum

@@ -13,6 +13,15 @@
 //! A holder whose lease expired and was taken over learns `false` from
 //! `complete`, `release` and `extend`, and changes nothing.
 //!
+//! The contract knows no transport: no `http` type appears in it, and the
+//! same store serves the HTTP layer and the message face. Two optional
+//! hooks cover what differs between stores:
+//! [`attachment`](Store::attachment) hands the lock holder request-scoped
+//! state (a transaction) as a typed [`Attachment`], and
+//! [`capabilities`](Store::capabilities) declares what the store does
+//! beyond the common contract ([`Capabilities`]), which the engine and the
+//! conformance suite both read.
+//!
 //! Time is the store's own: tokio's clock in [`MemoryStore`] (so tests can
 //! pause and advance it), the server's clock in Redis and PostgreSQL. No
 //! store trusts the application's wall clock. Expired records disappear

@@ -49,6 +49,16 @@
 //! # }
 //! ```
 //!
+//! # With the message face
+//!
+//! The same store makes a queue consumer exactly-once: the
+//! [`IdempotentConsumer`](crate::message::IdempotentConsumer) hands the
+//! handler the transaction as an [`Attachment`]
+//! (`attachment.get::<IdempotentTransaction>()`), the side effect is written
+//! on it, and the record commits with it before the consumer acks. A crash
+//! before the commit rolls both back and the redelivery runs cleanly; a
+//! crash after it makes the redelivery a replay.
+//!
 //! # What happens to the transaction
 //!
 //! | the request | the transaction |
