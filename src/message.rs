@@ -73,12 +73,14 @@ use http::StatusCode;
 use sha2::{Digest, Sha256};
 use tower_layer::Layer;
 use tower_service::Service;
+use tracing::Instrument;
 
 use crate::engine::{
     Acquired, Beat, Completion, Engine, Executed, InFlightPolicy, StoreErrorPolicy,
 };
 use crate::fingerprint::Fingerprint;
 use crate::future::Detached;
+use crate::observe::mark_message;
 use crate::record::{Record, RecordKind};
 use crate::store::{Attachment, BoxError, Store, StoreError, StoreKey};
 
@@ -512,8 +514,23 @@ impl<C> IdempotentConsumer<C> {
         F: FnOnce(Option<Attachment>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
-        let run = run(self.engine.clone(), self.codec.clone(), key, handler);
-        Detached::new(Box::pin(run))
+        let span = tracing::info_span!(
+            "idempotency_message",
+            key = %key.key,
+            outcome = tracing::field::Empty,
+            store_us = tracing::field::Empty,
+        );
+        let engine = self.engine.clone();
+        let codec = self.codec.clone();
+        let run = async move {
+            let out = run(engine, codec, key, handler).await;
+            mark_message(match &out {
+                Ok(processed) => processed.as_str(),
+                Err(_) => "released",
+            });
+            out
+        };
+        Detached::new(Box::pin(run.instrument(span)))
     }
 }
 
@@ -758,6 +775,7 @@ where
             Ok(key) => key,
             Err(e) => {
                 tracing::debug!(outcome = "rejected", error = %e, "message refused by the key extractor");
+                mark_message("rejected");
                 return MessageFuture::ready(Processed::Rejected(e));
             }
         };

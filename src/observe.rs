@@ -12,12 +12,18 @@
 //!
 //! The [`Outcome`] is also put in the response's extensions.
 //!
+//! Every message through the message face runs inside a span named
+//! `idempotency_message` with `key`, `outcome` (a
+//! [`Processed::as_str`](crate::message::Processed::as_str) name) and
+//! `store_us`.
+//!
 //! With the `metrics` feature, the layer reports through the [`metrics`]
 //! facade (install any recorder, such as a Prometheus exporter):
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
 //! | `idempotency_requests_total` | counter | `outcome` |
+//! | `idempotency_messages_total` | counter | `outcome` (message face) |
 //! | `idempotency_store_duration_seconds` | histogram | `op` (`begin`, `complete`, `release`, `extend`) |
 //!
 //! [`metrics`]: https://docs.rs/metrics
@@ -79,6 +85,13 @@ pub(crate) fn mark<B>(mut res: Response<B>, outcome: Outcome) -> Response<B> {
     metrics::counter!("idempotency_requests_total", "outcome" => outcome.as_str()).increment(1);
     res.extensions_mut().insert(outcome);
     res
+}
+
+/// Records a message's outcome on the current span and in metrics.
+pub(crate) fn mark_message(outcome: &'static str) {
+    tracing::Span::current().record("outcome", outcome);
+    #[cfg(feature = "metrics")]
+    metrics::counter!("idempotency_messages_total", "outcome" => outcome).increment(1);
 }
 
 /// Records how long one store call took.

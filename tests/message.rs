@@ -138,7 +138,10 @@ async fn a_duplicate_in_flight_is_told_so_or_waits_and_replays() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     finish_tx.send(()).unwrap();
     assert!(matches!(slow.await.unwrap().unwrap(), Processed::Ran(7)));
-    assert!(matches!(waiter.await.unwrap().unwrap(), Processed::Replayed(7)));
+    assert!(matches!(
+        waiter.await.unwrap().unwrap(),
+        Processed::Replayed(7)
+    ));
 }
 
 #[tokio::test]
@@ -163,9 +166,12 @@ async fn a_handler_error_or_panic_releases_the_key() {
     assert_eq!(panicked.disposition(), Disposition::Retry);
     // A panic while the handler's future is being made is caught too.
     let panicked = consumer
-        .process(key("m1", "{}"), |_| -> std::future::Ready<Result<u32, Infallible>> {
-            panic!("before the future exists")
-        })
+        .process(
+            key("m1", "{}"),
+            |_| -> std::future::Ready<Result<u32, Infallible>> {
+                panic!("before the future exists")
+            },
+        )
         .await
         .unwrap();
     assert!(matches!(panicked, Processed::Panicked));
@@ -188,7 +194,10 @@ async fn a_store_that_fails_first_runs_nothing_unless_told_to_fail_open() {
         .process(key("m1", "{}"), move |_| e.charge())
         .await
         .unwrap();
-    assert!(matches!(out, Processed::StoreError(StoreError::Unavailable(_))));
+    assert!(matches!(
+        out,
+        Processed::StoreError(StoreError::Unavailable(_))
+    ));
     assert_eq!(out.disposition(), Disposition::Retry);
     assert_eq!(effects.count(), 0);
     let open = closed
@@ -228,7 +237,8 @@ async fn a_failed_record_write_is_retried_in_the_background() {
 #[tokio::test]
 async fn the_heartbeat_extends_the_lease_and_calls_the_hook() {
     let store = Arc::new(FaultyStore::new(MemoryStore::new()));
-    let consumer = IdempotentConsumer::from_arc(store.clone()).with_lease(Duration::from_millis(90));
+    let consumer =
+        IdempotentConsumer::from_arc(store.clone()).with_lease(Duration::from_millis(90));
     let beats = Arc::new(AtomicUsize::new(0));
     let b = beats.clone();
     let message = key("m1", "{}").with_heartbeat(move || {
@@ -258,7 +268,11 @@ async fn the_heartbeat_extends_the_lease_and_calls_the_hook() {
     assert!(matches!(slow.await.unwrap().unwrap(), Processed::Ran(())));
     let extends = store.calls(Op::Extend);
     assert!(extends >= 3, "{extends} extensions");
-    assert_eq!(beats.load(Ordering::SeqCst), extends, "a beat per extension");
+    assert_eq!(
+        beats.load(Ordering::SeqCst),
+        extends,
+        "a beat per extension"
+    );
 }
 
 /// A handler whose lease lapsed (the store refused every extension) and
@@ -364,7 +378,10 @@ async fn bytes_and_unit_codecs_round_trip() {
     for expect_replay in [false, true] {
         let b = body.clone();
         let out = bytes
-            .process(key("m1", "p"), move |_| async move { Ok::<_, Infallible>(b) })
+            .process(
+                key("m1", "p"),
+                move |_| async move { Ok::<_, Infallible>(b) },
+            )
             .await
             .unwrap();
         assert_eq!(matches!(out, Processed::Replayed(_)), expect_replay);
@@ -500,9 +517,21 @@ async fn the_tower_form_keys_rejects_and_hands_over_the_attachment() {
         payload: "{}".into(),
         attachment: None,
     };
-    let out = svc.ready().await.unwrap().call(msg(Some("a"))).await.unwrap();
+    let out = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(msg(Some("a")))
+        .await
+        .unwrap();
     assert!(matches!(out, Processed::Ran(0)));
-    let out = svc.ready().await.unwrap().call(msg(Some("a"))).await.unwrap();
+    let out = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(msg(Some("a")))
+        .await
+        .unwrap();
     assert!(matches!(out, Processed::Replayed(0)));
     let out = svc.ready().await.unwrap().call(msg(None)).await.unwrap();
     assert!(matches!(&out, Processed::Rejected(e) if e.to_string() == "the message has no id"));

@@ -15,6 +15,7 @@ use metrics::{
     Counter as MetricCounter, CounterFn, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata,
     Recorder, SharedString, Unit,
 };
+use tower_idempotency::message::{IdempotentConsumer, MessageKey};
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 use tracing_subscriber::fmt::format::FmtSpan;
 
@@ -60,6 +61,14 @@ fn span_carries_outcome_status_and_a_key_hash_never_the_raw_key() {
         call_post(&app, Some(RAW_KEY), "{}").await;
         call_post(&app, Some(RAW_KEY), "{}").await;
         call_post(&app, Some(RAW_KEY), "{\"other\":1}").await;
+        let consumer = IdempotentConsumer::new(MemoryStore::new());
+        for payload in ["{}", "{}", "{\"other\":1}"] {
+            let key = MessageKey::new("billing", RAW_KEY, payload);
+            let _ = consumer
+                .process(key, |_| async { Ok::<_, std::io::Error>(()) })
+                .await
+                .unwrap();
+        }
     });
     let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
     let closes: Vec<&str> = text
@@ -80,6 +89,18 @@ fn span_carries_outcome_status_and_a_key_hash_never_the_raw_key() {
     );
     assert!(closes[0].contains("store_us="));
     assert!(closes[0].contains("key="));
+    let messages: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("idempotency_message{") && l.contains(": close"))
+        .collect();
+    assert_eq!(messages.len(), 3, "{text}");
+    for (line, outcome) in messages.iter().zip(["ran", "replayed", "mismatch"]) {
+        assert!(line.contains(&format!("outcome=\"{outcome}\"")), "{line}");
+        assert!(
+            line.contains("key=") && line.contains("store_us="),
+            "{line}"
+        );
+    }
     assert!(!text.contains(RAW_KEY), "the raw key was logged");
 }
 
@@ -158,6 +179,15 @@ fn metrics_count_outcomes_and_time_store_calls() {
                 .body(Body::from("{}"))
                 .unwrap();
             send(&app, bad).await;
+            let consumer = IdempotentConsumer::new(MemoryStore::new());
+            for _ in 0..2 {
+                let _ = consumer
+                    .process(MessageKey::new("s", "id", "p"), |_| async {
+                        Ok::<_, std::io::Error>(())
+                    })
+                    .await
+                    .unwrap();
+            }
         });
     });
     let counters = registry.counters.lock().unwrap();
@@ -165,8 +195,10 @@ fn metrics_count_outcomes_and_time_store_calls() {
     assert_eq!(get("idempotency_requests_total{outcome=executed}"), 1);
     assert_eq!(get("idempotency_requests_total{outcome=replayed}"), 2);
     assert_eq!(get("idempotency_requests_total{outcome=rejected}"), 1);
+    assert_eq!(get("idempotency_messages_total{outcome=ran}"), 1);
+    assert_eq!(get("idempotency_messages_total{outcome=replayed}"), 1);
     let histograms = registry.histograms.lock().unwrap();
     let get = |k: &str| histograms.get(k).map_or(0, |c| c.load(Ordering::SeqCst));
-    assert_eq!(get("idempotency_store_duration_seconds{op=begin}"), 3);
-    assert_eq!(get("idempotency_store_duration_seconds{op=complete}"), 1);
+    assert_eq!(get("idempotency_store_duration_seconds{op=begin}"), 5);
+    assert_eq!(get("idempotency_store_duration_seconds{op=complete}"), 2);
 }
