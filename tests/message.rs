@@ -549,7 +549,7 @@ async fn concurrent_redeliveries_run_each_id_once() {
         .with_in_flight(InFlightPolicy::Wait(Duration::from_secs(5)));
     let per_id: Arc<Vec<AtomicUsize>> = Arc::new((0..50).map(|_| AtomicUsize::new(0)).collect());
     let mut tasks = Vec::new();
-    for round in 0..4 {
+    for _round in 0..4 {
         for id in 0..50usize {
             let consumer = consumer.clone();
             let per_id = per_id.clone();
@@ -559,7 +559,7 @@ async fn concurrent_redeliveries_run_each_id_once() {
                     .process(m, move |_| async move {
                         tokio::time::sleep(Duration::from_millis((id % 5) as u64)).await;
                         per_id[id].fetch_add(1, Ordering::SeqCst);
-                        Ok::<_, Infallible>(id + round * 0)
+                        Ok::<_, Infallible>(id)
                     })
                     .await
                     .unwrap()
