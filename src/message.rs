@@ -55,6 +55,13 @@
 //! | [`TransactionalPostgresStore`](crate::store::TransactionalPostgresStore) | the side effect and the record commit in one transaction: exactly once |
 //! | every other store | the lock expires with its lease and the redelivery runs again: at least once between effect and record |
 //!
+//! # Poison messages
+//!
+//! A handler that fails or panics on every delivery releases its key each
+//! time, and [`Disposition::Retry`] sends it back to the broker: cap the
+//! deliveries there (JetStream's `max_deliver`, a RabbitMQ quorum queue's
+//! `x-delivery-limit` or a dead-letter exchange), as with any consumer.
+//!
 //! With any store, a duplicate delivered while the first still runs gets
 //! [`Processed::InFlight`] (or waits, with [`InFlightPolicy::Wait`]), and a
 //! message id reused with another payload gets [`Processed::Mismatch`] and

@@ -816,7 +816,11 @@ async fn message_face_commits_the_effect_with_the_record() {
     assert_eq!(db.orders().await, 1);
     assert_eq!(store.inner().open_transactions(), 0);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(store.calls(Op::Complete), 2, "a rolled-back write is not retried");
+    assert_eq!(
+        store.calls(Op::Complete),
+        2,
+        "a rolled-back write is not retried"
+    );
 
     let ran = consumer
         .process(msg("m2"), handler(orders.clone(), false))
