@@ -59,6 +59,14 @@
 //! | `CONSUMER_CRASH_PERCENT` | this percentage of messages kill the process (SIGKILL) at a random point: `before_effect`, `after_effect` (inserted, not committed) or `after_commit` (committed, not acked) | 0 |
 //! | `CONSUMER_PAUSE_BEFORE_COMMIT_MS` | sleep after the insert, before the handler returns (and the transaction commits) | 0 |
 //! | `CONSUMER_PAUSE_BEFORE_ACK_MS` | sleep after the commit, before the ack | 0 |
+//! | `CONSUMER_STORE` | `transactional`, or a store that records apart from the charge, to measure what it guarantees: `postgres` (`PostgresStore`), `redis` (`RedisStore` on `REDIS_URL`, feature `redis`) or `memory` | `transactional` |
+//!
+//! With any `CONSUMER_STORE` but `transactional`, the charge row commits on
+//! its own, before the record is written: a crash between the two (a kill
+//! during `CONSUMER_PAUSE_BEFORE_COMMIT_MS`) leaves a charge and no record,
+//! and the redelivery charges again once the lock's lease has run out. That
+//! is the "at least once between effect and record" of every store but the
+//! transactional one.
 //!
 //! # Standard output
 //!
@@ -69,7 +77,7 @@
 //! |---|---|
 //! | `ready ack_wait_ms=N id=-` | connected, stream and consumer in place, about to fetch |
 //! | `progress delivered=N id=ID` | an in-progress ack was sent while the handler runs |
-//! | `effect delivered=N id=ID` | the charge row is inserted (not yet committed) |
+//! | `effect delivered=N id=ID` | the charge row is inserted (not yet committed, unless `CONSUMER_STORE` is not `transactional`) |
 //! | `committed delivered=N id=ID` | the charge and the record are committed, the ack not yet sent |
 //! | `crash point=P id=ID` | a `CONSUMER_CRASH_PERCENT` crash, right before the SIGKILL |
 //! | `outcome result=R action=A delivered=N id=ID` | JetStream has been told `A` (`ack`, `nak`, `term`) about the message; `R` is `Processed::as_str()` (`ran`, `replayed`, `in_flight`, `mismatch`, …), `invalid` (no id, malformed payload) or `error` (the handler failed) |
@@ -99,7 +107,9 @@ use tower_idempotency::message::{
     Disposition, IdempotentConsumer, JsonCodec, MessageKey, Processed,
 };
 use tower_idempotency::store::Attachment;
-use tower_idempotency::{IdempotentTransaction, TransactionalPostgresStore};
+use tower_idempotency::{
+    IdempotentTransaction, MemoryStore, PostgresStore, Store, TransactionalPostgresStore,
+};
 
 type BoxError = Box<dyn Error + Send + Sync>;
 
@@ -161,6 +171,30 @@ struct Settings {
     crash_percent: u64,
     pause_before_commit: Duration,
     pause_before_ack: Duration,
+    store: StoreKind,
+}
+
+/// Where the records live (`CONSUMER_STORE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StoreKind {
+    Transactional,
+    Postgres,
+    Redis,
+    Memory,
+}
+
+impl FromStr for StoreKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "transactional" => Ok(Self::Transactional),
+            "postgres" => Ok(Self::Postgres),
+            "redis" => Ok(Self::Redis),
+            "memory" => Ok(Self::Memory),
+            _ => Err("expected transactional, postgres, redis or memory".into()),
+        }
+    }
 }
 
 fn env_or<T: FromStr>(name: &str, default: T) -> Result<T, String>
@@ -210,6 +244,7 @@ impl Settings {
             crash_percent: percent("CONSUMER_CRASH_PERCENT")?,
             pause_before_commit: millis("CONSUMER_PAUSE_BEFORE_COMMIT_MS", 0)?,
             pause_before_ack: millis("CONSUMER_PAUSE_BEFORE_ACK_MS", 0)?,
+            store: env_or("CONSUMER_STORE", StoreKind::Transactional)?,
         })
     }
 }
@@ -242,6 +277,8 @@ fn crash(point: CrashPoint, id: &str) -> ! {
 /// Everything a message needs.
 struct App {
     js: jetstream::Context,
+    /// For the charges of a store that is not transactional.
+    pool: sqlx::PgPool,
     consumer: IdempotentConsumer<JsonCodec>,
     settings: Settings,
 }
@@ -281,6 +318,7 @@ impl App {
         let key = MessageKey::new(SCOPE, &id, &msg.payload)
             .with_heartbeat(self.heartbeat(&msg, &id, delivered));
         let run = Run {
+            pool: self.pool.clone(),
             id: id.clone(),
             delivered,
             order,
@@ -401,6 +439,7 @@ impl App {
 
 /// One run of the handler, with what it needs.
 struct Run {
+    pool: sqlx::PgPool,
     id: String,
     delivered: i64,
     order: Order,
@@ -419,22 +458,26 @@ impl Run {
         if self.crash_at == Some(CrashPoint::BeforeEffect) {
             crash(CrashPoint::BeforeEffect, &self.id);
         }
-        let tx = attachment
+        let insert = sqlx::query(
+            "INSERT INTO charges (msg_id, order_id, amount, charged_at) \
+             VALUES ($1, $2, $3, now())",
+        )
+        .bind(&self.id)
+        .bind(&self.order.order_id)
+        .bind(self.order.amount);
+        match attachment
             .as_ref()
             .and_then(|a| a.get::<IdempotentTransaction>())
-            .cloned()
-            .ok_or("no idempotency transaction: the store is not transactional")?;
         {
-            let mut conn = tx.lock().await?;
-            sqlx::query(
-                "INSERT INTO charges (msg_id, order_id, amount, charged_at) \
-                 VALUES ($1, $2, $3, now())",
-            )
-            .bind(&self.id)
-            .bind(&self.order.order_id)
-            .bind(self.order.amount)
-            .execute(&mut *conn)
-            .await?;
+            // Committed together with the record.
+            Some(tx) => {
+                let mut conn = tx.lock().await?;
+                insert.execute(&mut *conn).await?;
+            }
+            // A store that is not transactional: committed now, alone.
+            None => {
+                insert.execute(&self.pool).await?;
+            }
         }
         println!("effect delivered={} id={}", self.delivered, self.id);
         if !self.pause_before_commit.is_zero() {
@@ -490,6 +533,37 @@ async fn billing_consumer(
     }
 }
 
+/// The store `CONSUMER_STORE` names: the transactional one by default.
+async fn records(kind: StoreKind, pool: &sqlx::PgPool) -> Result<Arc<dyn Store>, BoxError> {
+    Ok(match kind {
+        StoreKind::Transactional => {
+            let store = TransactionalPostgresStore::new(pool.clone());
+            store.migrate().await?;
+            let _sweeper = store.spawn_sweeper(Duration::from_secs(60), 1000);
+            Arc::new(store)
+        }
+        StoreKind::Postgres => {
+            let store = PostgresStore::new(pool.clone());
+            store.migrate().await?;
+            let _sweeper = store.spawn_sweeper(Duration::from_secs(60), 1000);
+            Arc::new(store)
+        }
+        #[cfg(feature = "redis")]
+        StoreKind::Redis => {
+            let url =
+                std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+            Arc::new(
+                tower_idempotency::RedisStore::from_url(&url)
+                    .await?
+                    .with_prefix("examples-consumer:"),
+            )
+        }
+        #[cfg(not(feature = "redis"))]
+        StoreKind::Redis => return Err("CONSUMER_STORE=redis needs the `redis` feature".into()),
+        StoreKind::Memory => Arc::new(MemoryStore::new()),
+    })
+}
+
 /// Creates the `charges` table if it is missing. Two processes starting at
 /// once would race on `CREATE TABLE IF NOT EXISTS` (one of them fails on
 /// the catalog's unique index): an advisory lock serializes them.
@@ -535,9 +609,7 @@ async fn run(settings: Settings) -> Result<(), BoxError> {
         .await
         .map_err(|e| format!("cannot connect to DATABASE_URL: {e}"))?;
     create_charges(&pool).await?;
-    let store = TransactionalPostgresStore::new(pool);
-    store.migrate().await?;
-    let _sweeper = store.spawn_sweeper(Duration::from_secs(60), 1000);
+    let store = records(settings.store, &pool).await?;
 
     let client = async_nats::ConnectOptions::new()
         .name("billing-consumer")
@@ -558,7 +630,8 @@ async fn run(settings: Settings) -> Result<(), BoxError> {
 
     let app = App {
         js,
-        consumer: IdempotentConsumer::new(store)
+        pool,
+        consumer: IdempotentConsumer::from_arc(store)
             .with_codec(JsonCodec)
             .with_lease(lease),
         settings,

@@ -1,6 +1,7 @@
 //! The message face on NATS JetStream, end to end: the `consumer` example
-//! (a `TransactionalPostgresStore` consumer) driven from outside as a child
-//! process, and in-process workers on the non-transactional stores.
+//! (a `TransactionalPostgresStore` consumer) driven from outside as child
+//! processes, and the same example on the non-transactional stores
+//! (`CONSUMER_STORE`).
 //!
 //! - A consumer SIGKILLed between the commit and the ack: the redelivery
 //!   replays, one charge. SIGKILLed between the insert and the commit: the
@@ -31,32 +32,26 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::consumer::{AckPolicy, pull};
 use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::publish::PublishAck;
-use async_nats::jetstream::{self, AckKind, stream};
-use futures_util::StreamExt;
+use async_nats::jetstream::{self, stream};
 use sqlx::postgres::PgPoolOptions;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
-use tower_idempotency::message::{Disposition, IdempotentConsumer, MessageKey};
 use tower_idempotency::store::postgres::PgPool;
-use tower_idempotency::{MemoryStore, PostgresStore, Store};
 
 const STREAM: &str = "ORDERS";
 const DURABLE: &str = "billing";
 const SUBJECT: &str = "orders.new";
-/// Where the non-transactional test keeps its tables, named
-/// `t_<unix seconds>_<random>…` like the other PostgreSQL tests' tables.
-const SCHEMA: &str = "tower_idempotency_test";
 
 /// The tests share one stream, one consumer and one table.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -373,7 +368,7 @@ impl Proc {
     fn spawn(name: &str, mut cmd: Command, log: &Log) -> Self {
         // Knobs of the environment the tests run in must not leak in.
         for (var, _) in std::env::vars() {
-            if var.starts_with("CONSUMER_") || var.starts_with("NONTX_") {
+            if var.starts_with("CONSUMER_") {
                 cmd.env_remove(var);
             }
         }
@@ -966,35 +961,21 @@ async fn an_id_republished_after_the_duplicate_window_is_replayed() {
 // ---------------------------------------------------------------------------
 // 5. Non-transactional stores under the same crash
 
-/// How many messages each store's worker is SIGKILLed on (once each).
+/// How many times the example on each store is SIGKILLed after an effect.
 const NONTX_CRASHES: usize = 5;
-/// The consumer's ack_wait and the worker's lease in that test.
+/// The consumer's ack_wait, and so the example's lease, in that test.
 const NONTX_ACK_WAIT: Duration = Duration::from_secs(1);
-
-fn unix_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn unique_table() -> String {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    format!("t_{}_{}", unix_secs(), &id[..16])
-}
 
 /// With a store whose record is written apart from the side effect, a
 /// crash after the effect and before the record leaves the lock (or, in
 /// memory, nothing at all): once the lock's lease has run out, the
 /// redelivery runs the handler again. The guarantee is at least once
-/// between effect and record, never lost; this measures it.
+/// between effect and record, never lost; this measures it, on the
+/// `consumer` example with `CONSUMER_STORE` set to each such store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_transactional_stores_are_at_least_once_under_a_crash() {
     let _serial = SERIAL.lock().await;
     let Some(env) = env().await else { return };
-    let _ = sqlx::query(&format!("CREATE SCHEMA IF NOT EXISTS \"{SCHEMA}\""))
-        .execute(&env.pool)
-        .await;
 
     let mut stores = vec!["memory"];
     let redis_url = env_or("REDIS_URL", "redis://127.0.0.1:6379");
@@ -1008,28 +989,19 @@ async fn non_transactional_stores_are_at_least_once_under_a_crash() {
     stores.push("postgres");
 
     for kind in stores {
-        let (crashes, duplicates) = crash_a_non_tx_worker(&env, kind, &redis_url).await;
+        let (crashes, duplicates) = crash_the_example_on(&env, kind, &redis_url).await;
         eprintln!("[non-tx] store={kind} crashes={crashes} duplicates={duplicates}");
     }
 }
 
-/// Runs `NONTX_CRASHES` messages through workers on store `kind`, each
-/// SIGKILLed on its first run after the effect; returns the crashes and the
-/// duplicate effects.
-async fn crash_a_non_tx_worker(env: &Env, kind: &str, redis_url: &str) -> (usize, usize) {
+/// Publishes `NONTX_CRASHES` messages to the example on store `kind`, kills
+/// it after the effect and before the record of each of them (it pauses
+/// there), then lets an unpaused one settle; returns the crashes and the
+/// duplicate charges.
+async fn crash_the_example_on(env: &Env, kind: &str, redis_url: &str) -> (usize, usize) {
     reset(env).await;
     create_stream(env, Duration::from_secs(120)).await;
     create_consumer(env, NONTX_ACK_WAIT).await;
-    let effects = format!("\"{SCHEMA}\".\"{}_effects\"", unique_table());
-    let records = unique_table();
-    let prefix = format!("nats-nontx:{}:", env.run);
-    sqlx::query(&format!(
-        "CREATE TABLE {effects} (msg_id text, amount bigint)"
-    ))
-    .execute(&env.pool)
-    .await
-    .unwrap();
-
     let ids: Vec<String> = (0..NONTX_CRASHES)
         .map(|i| format!("{}-{kind}-{i}", env.run))
         .collect();
@@ -1038,53 +1010,49 @@ async fn crash_a_non_tx_worker(env: &Env, kind: &str, redis_url: &str) -> (usize
     }
 
     let log = Log::default();
-    let exe = std::env::current_exe().unwrap();
     let mut generation = 0;
-    let mut spawn = || {
+    let mut spawn = |paused: bool| {
         generation += 1;
-        let mut cmd = Command::new(&exe);
-        cmd.args(["non_tx_worker", "--exact", "--ignored", "--nocapture"])
-            .env("NONTX_WORKER", kind)
-            .env("NONTX_EFFECTS", &effects)
-            .env("NONTX_RECORDS", &records)
-            .env("NONTX_PREFIX", &prefix)
-            .env("NATS_URL", &env.nats_url)
-            .env("DATABASE_URL", &env.database_url)
-            .env("REDIS_URL", redis_url)
-            .env("RUST_LOG", "error");
-        Proc::spawn(&format!("{kind}.{generation}"), cmd, &log)
+        let name = format!("{kind}.{generation}");
+        let pause = if paused { "60000" } else { "0" };
+        let knobs = [
+            ("CONSUMER_STORE", kind),
+            ("CONSUMER_PAUSE_BEFORE_COMMIT_MS", pause),
+            ("REDIS_URL", redis_url),
+        ];
+        let log = log.clone();
+        async move { Proc::consumer(env, &name, &knobs, &log).await }
     };
 
-    let mut worker = spawn();
+    let mut worker = spawn(true).await;
     let mut crashes = 0;
-    let mut killed: HashSet<String> = HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         assert!(
             Instant::now() < deadline,
             "store {kind}: not settled; {:?}",
-            charges(&env.pool, &effects).await
+            charges(&env.pool, "public.charges").await
         );
-        // The worker stops after a first run's effect: kill it there.
-        let stopped = log.lines().into_iter().find(|l| {
-            l.proc == worker.name
-                && l.kind() == "effect"
-                && l.field("delivered") == Some("1")
-                && !killed.contains(l.id())
-        });
-        if let Some(line) = stopped {
+        // A paused worker stops after an effect: kill it there, before its
+        // record, until every message has had one such crash.
+        let effect = log
+            .lines()
+            .into_iter()
+            .any(|l| l.proc == worker.name && l.kind() == "effect");
+        if crashes < NONTX_CRASHES && effect {
             worker.sigkill().await;
-            killed.insert(line.id().to_owned());
             crashes += 1;
-            assert!(crashes <= NONTX_CRASHES, "one crash per message");
-            worker = spawn();
+            worker = spawn(crashes < NONTX_CRASHES).await;
             continue;
         }
-        assert!(!worker.exited(), "the worker {} died", worker.name);
+        assert!(!worker.exited(), "the consumer {} died", worker.name);
         if crashes == NONTX_CRASHES {
-            let charged = charges(&env.pool, &effects).await;
+            let charged = charges(&env.pool, "public.charges").await;
             let info = consumer_info(env).await;
-            if charged.len() == ids.len() && info.num_pending == 0 && info.num_ack_pending == 0 {
+            if ids.iter().all(|id| charged.contains_key(id))
+                && info.num_pending == 0
+                && info.num_ack_pending == 0
+            {
                 break;
             }
         }
@@ -1092,151 +1060,13 @@ async fn crash_a_non_tx_worker(env: &Env, kind: &str, redis_url: &str) -> (usize
     }
     drop(worker);
 
-    let charged = charges(&env.pool, &effects).await;
+    let charged = charges(&env.pool, "public.charges").await;
     let lost = ids.iter().filter(|id| !charged.contains_key(*id)).count();
-    let rows: usize = charged.values().map(Vec::len).sum();
     assert_eq!(lost, 0, "store {kind}: a message was lost: {charged:?}");
-    assert_eq!(charged.len(), ids.len(), "{charged:?}");
-    for id in &ids {
-        assert!(!charged[id].is_empty(), "at least once");
-    }
-
-    let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {effects}"))
-        .execute(&env.pool)
-        .await;
-    let _ = sqlx::query(&format!("DROP TABLE IF EXISTS \"{SCHEMA}\".\"{records}\""))
-        .execute(&env.pool)
-        .await;
+    let rows: usize = ids.iter().map(|id| charged[id].len()).sum();
     #[cfg(feature = "redis")]
     if kind == "redis" {
-        common::delete_prefix(redis_url, &prefix).await;
+        common::delete_prefix(redis_url, "examples-consumer:").await;
     }
     (crashes, rows - ids.len())
-}
-
-/// The worker process of the test above: a consumer on one of the
-/// non-transactional stores whose handler inserts the effect in its own
-/// transaction, then, on a message's first delivery, waits to be killed.
-/// Started by that test; on its own it does nothing.
-#[test]
-#[ignore = "a worker process that non_transactional_stores_are_at_least_once_under_a_crash starts"]
-fn non_tx_worker() {
-    let Ok(kind) = std::env::var("NONTX_WORKER") else {
-        return;
-    };
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(non_tx_worker_loop(kind));
-}
-
-async fn non_tx_worker_loop(kind: String) {
-    let var = |name: &str| std::env::var(name).unwrap();
-    let pool = PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&var("DATABASE_URL"))
-        .await
-        .unwrap();
-    let store: Arc<dyn Store> = match kind.as_str() {
-        "memory" => Arc::new(MemoryStore::new()),
-        "postgres" => {
-            let store = PostgresStore::new(pool.clone())
-                .with_schema(SCHEMA)
-                .unwrap()
-                .with_table(&var("NONTX_RECORDS"))
-                .unwrap();
-            store.migrate().await.unwrap();
-            Arc::new(store)
-        }
-        #[cfg(feature = "redis")]
-        "redis" => Arc::new(
-            tower_idempotency::RedisStore::from_url(&var("REDIS_URL"))
-                .await
-                .unwrap()
-                .with_prefix(var("NONTX_PREFIX")),
-        ),
-        other => panic!("no store {other}"),
-    };
-    let consumer = IdempotentConsumer::from_arc(store).with_lease(NONTX_ACK_WAIT);
-    let effects = var("NONTX_EFFECTS");
-    let client = async_nats::connect(var("NATS_URL")).await.unwrap();
-    let js = jetstream::new(client);
-    let billing = js
-        .get_stream(STREAM)
-        .await
-        .unwrap()
-        .get_consumer::<pull::Config>(DURABLE)
-        .await
-        .unwrap();
-    println!("ready id=-");
-
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        let Ok(mut batch) = billing
-            .fetch()
-            .max_messages(1)
-            .expires(Duration::from_secs(1))
-            .messages()
-            .await
-        else {
-            continue;
-        };
-        while let Some(Ok(msg)) = batch.next().await {
-            let delivered = msg.info().unwrap().delivered;
-            let id = msg
-                .headers
-                .as_ref()
-                .unwrap()
-                .get(NATS_MESSAGE_ID)
-                .unwrap()
-                .as_str()
-                .to_owned();
-            let amount =
-                serde_json::from_slice::<serde_json::Value>(&msg.payload).unwrap()["amount"]
-                    .as_i64()
-                    .unwrap();
-            let key = MessageKey::new("billing", &id, &msg.payload);
-            let (pool, effects, run_id) = (pool.clone(), effects.clone(), id.clone());
-            let processed = consumer
-                .process(key, move |_| async move {
-                    sqlx::query(&format!(
-                        "INSERT INTO {effects} (msg_id, amount) VALUES ($1, $2)"
-                    ))
-                    .bind(&run_id)
-                    .bind(amount)
-                    .execute(&pool)
-                    .await?;
-                    println!("effect delivered={delivered} id={run_id}");
-                    if delivered == 1 {
-                        // The effect is done, the record and the ack are
-                        // not: the test SIGKILLs the process here.
-                        tokio::time::sleep(Duration::from_secs(60)).await;
-                    }
-                    Ok::<(), sqlx::Error>(())
-                })
-                .await;
-            let (result, disposition) = match &processed {
-                Ok(p) => (p.as_str(), p.disposition()),
-                Err(_) => ("error", Disposition::Retry),
-            };
-            let action = match disposition {
-                Disposition::Ack => {
-                    msg.double_ack().await.unwrap();
-                    "ack"
-                }
-                Disposition::Terminate => {
-                    msg.ack_with(AckKind::Term).await.unwrap();
-                    "term"
-                }
-                _ => {
-                    let delay = Duration::from_millis(200);
-                    msg.ack_with(AckKind::Nak(Some(delay))).await.unwrap();
-                    "nak"
-                }
-            };
-            println!("outcome result={result} action={action} delivered={delivered} id={id}");
-        }
-    }
 }
