@@ -158,6 +158,11 @@ impl MessageKey {
     /// broker the message is still being worked on, such as JetStream's
     /// in-progress ack (`AckKind::Progress`). Each call is bounded by a
     /// third of the lease.
+    ///
+    /// The hook fires every third of the consumer's lease
+    /// ([`IdempotentConsumer::with_lease`]): keep the lease no longer than
+    /// the broker's own deadline (JetStream's `ack_wait`), or the broker
+    /// redelivers before the first beat.
     #[must_use]
     pub fn with_heartbeat<F, Fut>(mut self, beat: F) -> Self
     where
