@@ -33,9 +33,10 @@ async fn pay(Extension(key): Extension<IdempotencyKey>, body: String) -> (Status
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt().with_env_filter("info").init();
-    let app = Router::new()
-        .route("/payments", post(pay))
-        .layer(IdempotencyLayer::new(MemoryStore::new()).with_require_key(true));
+    let app = Router::new().route(
+        "/payments",
+        post(pay).route_layer(IdempotencyLayer::new(MemoryStore::new()).with_require_key(true)),
+    );
     let port = std::env::var("PORT").unwrap_or_else(|_| "3003".into());
     let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await?;
     tracing::info!("listening on http://{}", listener.local_addr()?);

@@ -122,8 +122,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         delay: Duration::from_millis(delay_ms),
     };
     let router = Router::new()
-        .route("/orders", post(create_order).get(list_orders))
-        .layer(IdempotencyLayer::from_arc(store().await?).with_require_key(true))
+        .route(
+            "/orders",
+            post(create_order)
+                .get(list_orders)
+                // The route's handlers only: an unknown path keeps the
+                // router's 404 and a method the route lacks its 405.
+                .route_layer(IdempotencyLayer::from_arc(store().await?).with_require_key(true)),
+        )
         .with_state(app);
 
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;

@@ -163,10 +163,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         delay: Duration::from_millis(delay_ms),
     };
     let router = Router::new()
-        .route("/orders", post(create_order).get(list_orders))
-        // Keys are required: every POST reaching the handler has its
-        // transaction.
-        .layer(IdempotencyLayer::new(store).with_require_key(true))
+        .route(
+            "/orders",
+            post(create_order)
+                .get(list_orders)
+                // Keys are required: every POST reaching the handler has its
+                // transaction. Unknown paths and methods keep 404 and 405.
+                .route_layer(IdempotencyLayer::new(store).with_require_key(true)),
+        )
         .with_state(app);
 
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;

@@ -39,8 +39,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Senders retry for days; keep records for a week.
         .with_ttl(std::time::Duration::from_secs(7 * 24 * 3600));
     let app = Router::new()
-        .route("/webhooks/github", post(github))
-        .layer(layer)
+        .route("/webhooks/github", post(github).route_layer(layer))
         .layer(Extension(Arc::new(AtomicUsize::new(0))));
     let port = std::env::var("PORT").unwrap_or_else(|_| "3001".into());
     let listener = tokio::net::TcpListener::bind(format!("127.0.0.1:{port}")).await?;

@@ -205,8 +205,11 @@ impl<M> IdempotencyLayer<M> {
     /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
     ///
     /// let app: Router = Router::new()
-    ///     .route("/orders", post(|| async { "created" }))
-    ///     .layer(IdempotencyLayer::new(MemoryStore::new()).keep_body_type());
+    ///     .route(
+    ///         "/orders",
+    ///         post(|| async { "created" })
+    ///             .route_layer(IdempotencyLayer::new(MemoryStore::new()).keep_body_type()),
+    ///     );
     /// # }
     /// ```
     pub fn keep_body_type(self) -> IdempotencyLayer<KeepBody> {

@@ -19,10 +19,21 @@
 //!     "charged once"
 //! }
 //!
-//! let app: Router = Router::new()
-//!     .route("/payments", post(create_payment))
-//!     .layer(IdempotencyLayer::new(MemoryStore::new()));
+//! let app: Router = Router::new().route(
+//!     "/payments",
+//!     // The route's handlers only: unknown paths keep axum's 404, missing methods its 405.
+//!     post(create_payment).route_layer(IdempotencyLayer::new(MemoryStore::new())),
+//! );
 //! ```
+//!
+//! The method router's `route_layer` is what an API means almost always:
+//! the layer covers the route's handlers. `Router::route_layer` also wraps
+//! a matched path's `405`, and `Router::layer` the router's fallback too,
+//! so a `POST` to an unknown path without a key is refused (`400`) when
+//! keys are required, and with a key its `404` (or a missing method's
+//! `405`) is recorded and replayed. Use `Router::layer` only when the
+//! fallback itself should be idempotent, or to measure the layer around a
+//! whole router.
 //!
 //! # The path of one request
 //!
@@ -142,8 +153,11 @@
 //! use tower_idempotency::{IdempotencyLayer, MemoryStore};
 //!
 //! let app: Router = Router::new()
-//!     .route("/payments", post(|| async { "charged once" }))
-//!     .layer(IdempotencyLayer::new(MemoryStore::new()).keep_body_type());
+//!     .route(
+//!         "/payments",
+//!         post(|| async { "charged once" })
+//!             .route_layer(IdempotencyLayer::new(MemoryStore::new()).keep_body_type()),
+//!     );
 //! # }
 //! ```
 //!
@@ -174,8 +188,11 @@
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() {
 //! let app = Router::new()
-//!     .route("/orders", post(|| async { "created" }))
-//!     .layer(IdempotencyLayer::new(MemoryStore::new()).with_ttl(Duration::from_secs(60)));
+//!     .route(
+//!         "/orders",
+//!         post(|| async { "created" })
+//!             .route_layer(IdempotencyLayer::new(MemoryStore::new()).with_ttl(Duration::from_secs(60))),
+//!     );
 //! let req = || Request::post("/orders").header("idempotency-key", "k1").body(Body::empty()).unwrap();
 //!
 //! let first = app.clone().oneshot(req()).await.unwrap();
@@ -241,6 +258,20 @@ pub mod test_util;
 
 #[cfg(test)]
 mod test_helpers;
+
+/// Every code block of the README, compiled (and run, where it can run) as
+/// a doctest, so the first code a newcomer copies cannot drift from the
+/// API.
+#[cfg(all(
+    doctest,
+    feature = "axum",
+    feature = "redis",
+    feature = "postgres",
+    feature = "client",
+    feature = "json"
+))]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
 
 pub use body::{BodyMode, KeepBody, RequestBody, ResponseBody, WrapBody};
 #[cfg(feature = "client")]

@@ -1081,3 +1081,67 @@ async fn failed_release_is_retried_so_the_key_frees() {
     );
     assert_eq!(counter.get(), 2);
 }
+
+/// On the method router's `route_layer`, as the README and the examples
+/// attach it, the layer covers the route's handlers only: an unknown path
+/// keeps the router's 404 and a method the route lacks its 405, with or
+/// without a key, and neither is recorded. `Router::route_layer` still
+/// wraps the 405, and `Router::layer` the fallback too, which is what the
+/// docs warn of.
+#[tokio::test]
+async fn route_layer_leaves_404_and_405_to_the_router() {
+    let counter = Counter::default();
+    let layer = IdempotencyLayer::new(MemoryStore::new()).with_require_key(true);
+    let routes = || {
+        Router::new()
+            .route("/orders", post(handler))
+            .with_state(counter.clone())
+    };
+    let matched = Router::new()
+        .route("/orders", post(handler).route_layer(layer.clone()))
+        .with_state(counter.clone());
+    let call = |app: &Router, method: &str, uri: &str, key: Option<&str>| {
+        let mut b = Request::builder().method(method).uri(uri);
+        if let Some(key) = key {
+            b = b.header("idempotency-key", key);
+        }
+        let req = b.body(Body::from("{}")).unwrap();
+        let app = app.clone();
+        async move { send(&app, req).await }
+    };
+    for key in [None, Some("k404"), Some("k404")] {
+        let (status, headers, _) = call(&matched, "POST", "/nonexistent", key).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "key {key:?}");
+        assert!(headers.get("idempotent-replayed").is_none());
+    }
+    for key in [None, Some("k405"), Some("k405")] {
+        let (status, headers, _) = call(&matched, "PATCH", "/orders", key).await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "key {key:?}");
+        assert!(headers.get("idempotent-replayed").is_none());
+    }
+    // The matched route is covered as before.
+    let (status, _, _) = call(&matched, "POST", "/orders", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "a key is required");
+    let (status, _, _) = call(&matched, "POST", "/orders", Some("k")).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, headers, _) = call(&matched, "POST", "/orders", Some("k")).await;
+    assert_eq!(headers["idempotent-replayed"], "true");
+    assert_eq!(counter.get(), 1);
+
+    // `Router::route_layer` leaves the 404 alone, but wraps the 405.
+    let router_wide = routes().route_layer(layer.clone());
+    let (status, _, _) = call(&router_wide, "POST", "/nonexistent", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) = call(&router_wide, "PATCH", "/orders", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // `Router::layer` wraps the fallback: the unknown path needs a key, and
+    // its 404 is recorded and replayed.
+    let everything = routes().layer(layer);
+    let (status, _, _) = call(&everything, "POST", "/nonexistent", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    call(&everything, "POST", "/nonexistent", Some("n")).await;
+    let (status, headers, _) = call(&everything, "POST", "/nonexistent", Some("n")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(headers["idempotent-replayed"], "true");
+}

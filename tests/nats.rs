@@ -68,13 +68,6 @@ struct Env {
     run: String,
 }
 
-fn env_or(name: &str, default: &str) -> String {
-    match std::env::var(name) {
-        Ok(v) if !v.is_empty() => v,
-        _ => default.to_owned(),
-    }
-}
-
 /// Skips (outside CI) or fails (under `CI=true`) for a server that does
 /// not answer.
 fn unavailable(what: &str, url: &str, err: &dyn std::fmt::Display) {
@@ -87,7 +80,7 @@ fn unavailable(what: &str, url: &str, err: &dyn std::fmt::Display) {
 }
 
 async fn env() -> Option<Env> {
-    let nats_url = env_or("NATS_URL", "nats://127.0.0.1:4222");
+    let nats_url = common::backend(common::NATS)?;
     let client = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(2))
         .connect(nats_url.as_str());
@@ -110,7 +103,7 @@ async fn env() -> Option<Env> {
         unavailable("JetStream", &nats_url, &e);
         return None;
     }
-    let database_url = env_or("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test");
+    let database_url = common::backend(common::POSTGRES)?;
     let pool = PgPoolOptions::new()
         .max_connections(4)
         .acquire_timeout(Duration::from_secs(5))
@@ -978,7 +971,7 @@ async fn non_transactional_stores_are_at_least_once_under_a_crash() {
     let Some(env) = env().await else { return };
 
     let mut stores = vec!["memory"];
-    let redis_url = env_or("REDIS_URL", "redis://127.0.0.1:6379");
+    let redis_url = common::backend(common::REDIS).unwrap_or_else(|| common::REDIS.1.to_owned());
     #[cfg(feature = "redis")]
     match tower_idempotency::RedisStore::from_url(&redis_url).await {
         Ok(_) => stores.push("redis"),

@@ -2,8 +2,9 @@
 //! two layer instances sharing one table, restarts, outages, the sweeper,
 //! and the statements each request costs.
 //!
-//! The server comes from `DATABASE_URL`. Without it the tests are skipped,
-//! unless `CI=true`, where they fail.
+//! The server comes from `DATABASE_URL`, or else the standard local address
+//! (`postgres://postgres@127.0.0.1:5432/test`). If nothing answers, the
+//! tests are skipped, unless `CI=true`, where they fail.
 
 #![cfg(all(feature = "postgres", feature = "test-util"))]
 #![allow(clippy::unwrap_used)]
@@ -30,16 +31,7 @@ use tower_idempotency::{Begin, Fingerprint, IdempotencyLayer, Store, StoreError}
 const SCHEMA: &str = "tower_idempotency_test";
 
 fn database_url() -> Option<String> {
-    match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if common::in_ci() => {
-            panic!("DATABASE_URL is not set, and CI=true: the PostgreSQL tests may not be skipped")
-        }
-        _ => {
-            eprintln!("skipping: DATABASE_URL not set");
-            None
-        }
-    }
+    common::backend(common::POSTGRES)
 }
 
 async fn connect(url: &str) -> PgPool {

@@ -3,8 +3,9 @@
 //! panics, killed connections, a crashed runtime and 100 concurrent
 //! duplicates on two layer instances.
 //!
-//! The server comes from `DATABASE_URL`. Without it the tests are skipped,
-//! unless `CI=true`, where they fail.
+//! The server comes from `DATABASE_URL`, or else the standard local address
+//! (`postgres://postgres@127.0.0.1:5432/test`). If nothing answers, the
+//! tests are skipped, unless `CI=true`, where they fail.
 
 #![cfg(all(feature = "postgres", feature = "test-util"))]
 #![allow(clippy::unwrap_used)]
@@ -38,16 +39,7 @@ use tower_idempotency::{
 const SCHEMA: &str = "tower_idempotency_test";
 
 fn database_url() -> Option<String> {
-    match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if common::in_ci() => {
-            panic!("DATABASE_URL is not set, and CI=true: the PostgreSQL tests may not be skipped")
-        }
-        _ => {
-            eprintln!("skipping: DATABASE_URL not set");
-            None
-        }
-    }
+    common::backend(common::POSTGRES)
 }
 
 async fn connect(url: &str, max: u32) -> PgPool {

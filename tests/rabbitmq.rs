@@ -42,11 +42,8 @@ const QUIET: Duration = Duration::from_millis(700);
 const SCOPE: &str = "orders";
 const ORDER: &[u8] = br#"{"order":"o-1","amount":42}"#;
 
-fn amqp_url() -> String {
-    std::env::var("AMQP_URL")
-        .ok()
-        .filter(|url| !url.is_empty())
-        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+fn amqp_url() -> Option<String> {
+    common::backend(common::RABBITMQ)
 }
 
 async fn connect(url: &str) -> Result<Connection, String> {
@@ -74,7 +71,7 @@ struct Broker {
 impl Broker {
     /// `None` (the test is skipped) when RabbitMQ does not answer, outside CI.
     async fn new() -> Option<Self> {
-        let url = amqp_url();
+        let url = amqp_url()?;
         let conn = match connect(&url).await {
             Ok(conn) => conn,
             Err(e) if common::in_ci() => {

@@ -3,9 +3,10 @@
 //! the key layout and its cluster slot, undecodable values, and the
 //! commands each request costs.
 //!
-//! The shared server comes from `REDIS_URL`. Some tests start a private
-//! `redis-server` of their own on a spare loopback port. Without either the
-//! tests are skipped, unless `CI=true`, where they fail.
+//! The shared server comes from `REDIS_URL`, or else the standard local
+//! address (`redis://127.0.0.1:6379`). Some tests start a private
+//! `redis-server` of their own on a spare loopback port. If neither can be
+//! had the tests are skipped, unless `CI=true`, where they fail.
 
 #![cfg(all(feature = "redis", feature = "test-util"))]
 #![allow(clippy::unwrap_used)]
@@ -29,16 +30,7 @@ const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(3600);
 
 fn redis_url() -> Option<String> {
-    match std::env::var("REDIS_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ if common::in_ci() => {
-            panic!("REDIS_URL is not set, and CI=true: the Redis tests may not be skipped")
-        }
-        _ => {
-            eprintln!("skipping: REDIS_URL not set");
-            None
-        }
-    }
+    common::backend(common::REDIS)
 }
 
 /// A prefix of its own for every store, so parallel tests never meet.

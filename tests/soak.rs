@@ -388,14 +388,10 @@ async fn soak(name: &str, stores: [Arc<dyn Store>; 2], proxy: &Proxy) {
 }
 
 fn url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) => Some(url),
-        Err(_) if common::in_ci() => panic!("{var} must be set under CI"),
-        Err(_) => {
-            eprintln!("skipping: {var} not set");
-            None
-        }
-    }
+    common::backend(match var {
+        "REDIS_URL" => common::REDIS,
+        _ => common::POSTGRES,
+    })
 }
 
 fn upstream(url: &str, default_port: u16) -> SocketAddr {

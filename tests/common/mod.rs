@@ -142,6 +142,108 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
+/// The standard local addresses the backend tests fall back on.
+pub const REDIS: (&str, &str) = ("REDIS_URL", "redis://127.0.0.1:6379");
+pub const POSTGRES: (&str, &str) = ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test");
+pub const NATS: (&str, &str) = ("NATS_URL", "nats://127.0.0.1:4222");
+pub const RABBITMQ: (&str, &str) = ("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
+
+/// The URL of a backend: its variable if set, otherwise the standard local
+/// address if something listens there. `None` (the caller skips) when
+/// nothing answers, outside CI; under `CI=true` a missing server panics.
+///
+/// The first call for each backend in a test binary prints one line to
+/// the real stderr (past the test harness's capture), saying whether the
+/// backend ran, from where, or was skipped: a green run shows what it
+/// covered.
+pub fn backend((var, default): (&str, &str)) -> Option<String> {
+    use std::collections::HashMap;
+    use std::io::Write;
+    use std::sync::{Mutex, OnceLock};
+
+    static SEEN: OnceLock<Mutex<HashMap<String, Option<String>>>> = OnceLock::new();
+    // Held while resolving, so parallel tests print the line once.
+    let mut seen = SEEN
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(known) = seen.get(var) {
+        return known.clone();
+    }
+    let (url, from) = match std::env::var(var) {
+        Ok(url) if !url.trim().is_empty() => (url, var.to_owned()),
+        _ => (default.to_owned(), "the standard local address".to_owned()),
+    };
+    let answers = listening(&url);
+    let binary = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .map(|s| {
+            s.rsplit_once('-')
+                .map_or(s.clone(), |(name, _)| name.to_owned())
+        })
+        .unwrap_or_default();
+    let line = if answers {
+        format!(
+            "[backends] {binary}: {var} ran against {} (from {from})",
+            redact(&url)
+        )
+    } else if in_ci() {
+        panic!(
+            "{var}: nothing answers at {}, and CI=true: these tests may not be skipped",
+            redact(&url)
+        );
+    } else {
+        format!(
+            "[backends] {binary}: {var} SKIPPED: nothing answers at {} (from {from})",
+            redact(&url)
+        )
+    };
+    let _ = writeln!(std::io::stderr(), "{line}");
+    let resolved = answers.then_some(url);
+    seen.insert(var.to_owned(), resolved.clone());
+    resolved
+}
+
+/// Whether something accepts a TCP connection at the URL's host and port.
+fn listening(url: &str) -> bool {
+    use std::net::{TcpStream, ToSocketAddrs};
+    let Some((_, rest)) = url.split_once("://") else {
+        return false;
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let default_port = match url.split_once("://").map(|(s, _)| s) {
+        Some("redis") => 6379,
+        Some("postgres" | "postgresql") => 5432,
+        Some("nats") => 4222,
+        Some("amqp") => 5672,
+        _ => return false,
+    };
+    let addr = if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:{default_port}")
+    };
+    addr.to_socket_addrs()
+        .ok()
+        .into_iter()
+        .flatten()
+        .any(|a| TcpStream::connect_timeout(&a, Duration::from_secs(1)).is_ok())
+}
+
+/// The URL without its password, for printing.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let user = &url[scheme + 3..at];
+            let user = user.split(':').next().unwrap_or("");
+            format!("{}{user}@{}", &url[..scheme + 3], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
 /// Every Redis key under `prefix`, sorted, each once. SCAN, not KEYS: one
 /// KEYS over a server holding millions of keys outlasts the client's
 /// response timeout, and SCAN may return a key twice.
