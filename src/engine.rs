@@ -81,6 +81,17 @@ pub(crate) struct Settings {
     pub(crate) complete_retries: u32,
 }
 
+impl Settings {
+    /// The shortest lease either face accepts: a heartbeat every third of
+    /// it must still have time for a store round trip.
+    const MIN_LEASE: Duration = Duration::from_millis(30);
+
+    /// Sets the lease, raised to [`MIN_LEASE`](Self::MIN_LEASE).
+    pub(crate) fn set_lease(&mut self, lease: Duration) {
+        self.lease = lease.max(Self::MIN_LEASE);
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {

@@ -266,7 +266,7 @@ impl<M> IdempotencyLayer<M> {
     /// The layer renews it every third of the lease while the handler runs;
     /// a process that dies leaves a lock that a retry takes over after this.
     pub fn with_lease(self, lease: Duration) -> Self {
-        self.engine(|e| e.lease = lease.max(Duration::from_millis(30)))
+        self.engine(|e| e.set_lease(lease))
     }
 
     /// The largest request body a covered request may carry (default 1 MiB);

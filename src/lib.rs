@@ -235,6 +235,9 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[macro_use]
+mod macros;
+
 mod attachment;
 mod body;
 #[cfg(feature = "client")]

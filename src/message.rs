@@ -442,7 +442,7 @@ impl<C> IdempotentConsumer<C> {
     /// handler runs, so only a crashed consumer's lock runs out.
     #[must_use]
     pub fn with_lease(mut self, lease: Duration) -> Self {
-        self.engine.settings.lease = lease.max(Duration::from_millis(30));
+        self.engine.settings.set_lease(lease);
         self
     }
 
@@ -748,20 +748,7 @@ impl<S: fmt::Debug, K, C> fmt::Debug for MessageService<S, K, C> {
 }
 
 impl<S, K, C> MessageService<S, K, C> {
-    /// A reference to the inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// A mutable reference to the inner service.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    define_inner_service_accessors!();
 }
 
 impl<S, K, C, Msg> Service<Msg> for MessageService<S, K, C>

@@ -63,20 +63,7 @@ impl<S: fmt::Debug, M> fmt::Debug for Idempotency<S, M> {
 }
 
 impl<S, M> Idempotency<S, M> {
-    /// A reference to the inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// A mutable reference to the inner service.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    define_inner_service_accessors!();
 }
 
 fn reject<B: Body>(rejection: Rejection, outcome: Outcome) -> Response<ResponseBody<B>> {
