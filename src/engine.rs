@@ -395,8 +395,14 @@ impl Engine {
         }
         if self.is_transactional() {
             // The store finishes its transaction in `complete` whatever
-            // happens; a release makes sure of it (fenced: a no-op then).
-            self.release(&key, &token).await;
+            // happens; a release makes sure of it. Fenced, it finds nothing
+            // then: that `false` is expected, not a lock taken over.
+            if let Err(e) = self
+                .bounded("release", self.store.as_ref().release(&key, &token))
+                .await
+            {
+                log_store_error("release", &key, &e);
+            }
             tracing::error!(key = %key, "completion failed and the handler's writes were rolled back");
             return Completion::RolledBack;
         }
