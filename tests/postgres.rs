@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::http::StatusCode;
+use common::proxy::{self, Proxy, Tap};
 use common::{Counter, call_post, post_req, problem, send};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use tokio::net::{TcpListener, TcpStream};
@@ -483,73 +484,18 @@ impl Wire {
     }
 }
 
-/// Forwards `client` to `upstream`, counting what the client sends.
-async fn forward_counting(client: TcpStream, upstream: SocketAddr, wire: Arc<Wire>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(server) = TcpStream::connect(upstream).await else {
-        return;
-    };
-    let (mut client_rx, mut client_tx) = client.into_split();
-    let (mut server_rx, mut server_tx) = server.into_split();
-    let back = tokio::spawn(async move {
-        let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
-    });
-    let (mut buf, mut pending, mut started) = (vec![0u8; 64 * 1024], Vec::new(), false);
-    while let Ok(n) = client_rx.read(&mut buf).await {
-        if n == 0 || server_tx.write_all(&buf[..n]).await.is_err() {
-            break;
-        }
-        pending.extend_from_slice(&buf[..n]);
-        wire.count(&mut pending, &mut started);
-    }
-    back.abort();
-}
-
-/// A TCP forwarder that can be stopped, cutting every forwarded connection,
-/// and started again on the same port.
-struct Proxy {
-    addr: SocketAddr,
-    upstream: SocketAddr,
-    accept: JoinHandle<()>,
-    conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
-}
-
-impl Proxy {
-    async fn start(bind: SocketAddr, upstream: SocketAddr, wire: Option<Arc<Wire>>) -> Self {
-        let listener = TcpListener::bind(bind).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let conns = Arc::new(Mutex::new(Vec::new()));
-        let list = conns.clone();
-        let accept = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                let wire = wire.clone();
-                let conn = tokio::spawn(async move {
-                    if let Some(wire) = wire {
-                        forward_counting(client, upstream, wire).await;
-                    } else if let Ok(mut server) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    }
-                });
-                list.lock().unwrap().push(conn);
-            }
-        });
-        Self {
-            addr,
-            upstream,
-            accept,
-            conns,
-        }
-    }
-
-    async fn stop(self) -> (SocketAddr, SocketAddr) {
-        self.accept.abort();
-        let _ = self.accept.await;
-        let conns: Vec<_> = self.conns.lock().unwrap().drain(..).collect();
-        for conn in conns {
-            conn.abort();
-            let _ = conn.await;
-        }
-        (self.addr, self.upstream)
+impl Wire {
+    /// A tap that counts each connection's messages.
+    fn tap(self: &Arc<Self>) -> Tap {
+        let wire = self.clone();
+        Arc::new(move || {
+            let wire = wire.clone();
+            let (mut pending, mut started) = (Vec::new(), false);
+            Box::new(move |bytes: &[u8]| {
+                pending.extend_from_slice(bytes);
+                wire.count(&mut pending, &mut started);
+            })
+        })
     }
 }
 
@@ -559,11 +505,7 @@ fn connect_options(url: &str) -> PgConnectOptions {
 
 async fn upstream(url: &str) -> SocketAddr {
     let opts = connect_options(url);
-    tokio::net::lookup_host((opts.get_host(), opts.get_port()))
-        .await
-        .unwrap()
-        .next()
-        .unwrap()
+    proxy::resolve(opts.get_host(), opts.get_port()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -766,7 +708,7 @@ async fn one_statement_for_begin_and_one_for_complete() {
     let proxy = Proxy::start(
         "127.0.0.1:0".parse().unwrap(),
         upstream(&url).await,
-        Some(wire.clone()),
+        Some(wire.tap()),
     )
     .await;
     let pool = PgPoolOptions::new()

@@ -95,62 +95,28 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use sqlx::Row;
 use tokio::time::Instant;
 
 pub use sqlx::PgPool;
 
-use super::{Begin, LockToken, Store, StoreError, StoreKey, Unsettled, release_unanswered};
+use super::sql::{self, BEGIN_ATTEMPTS, DEFAULT_TIMEOUT, MAINTENANCE_TIMEOUT};
+use super::{Begin, LockToken, Store, StoreError, StoreKey, Unsettled};
 use crate::fingerprint::Fingerprint;
 use crate::record::Record;
 
 const DEFAULT_SCHEMA: &str = "public";
 const DEFAULT_TABLE: &str = "idempotency_records";
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
-/// The least bound for [`PostgresStore::migrate`] and
-/// [`PostgresStore::delete_expired`], which are not on a request's path.
-const MAINTENANCE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Leases and ttls are capped here (about 1000 years) so the interval
-/// arithmetic cannot overflow.
-const MAX_INTERVAL: Duration = Duration::from_secs(1000 * 366 * 24 * 60 * 60);
-/// How often `begin` runs again when a concurrent commit hid the row.
-const BEGIN_ATTEMPTS: usize = 5;
+/// PostgreSQL's identifier limit (NAMEDATALEN - 1).
+const MAX_IDENTIFIER: usize = 63;
 /// Serializes concurrent `migrate` calls (ASCII "tower_id").
 const MIGRATE_LOCK: i64 = 0x746f_7765_725f_6964;
 
-/// A schema or table name that is not a plain PostgreSQL identifier.
-///
-/// Names must match `[A-Za-z_][A-Za-z0-9_]{0,62}`. The error reaches the
-/// caller as [`StoreError::Backend`] and can be recovered with
-/// `downcast_ref`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "invalid PostgreSQL identifier {name:?}: expected a letter or underscore, then up to 62 letters, digits or underscores"
-)]
-pub struct InvalidIdentifier {
-    name: String,
-}
-
-impl InvalidIdentifier {
-    /// The rejected name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-}
+/// Where this type lived before the MySQL and SQLite stores shared it.
+pub use super::sql::InvalidIdentifier;
 
 fn identifier(name: &str) -> Result<String, StoreError> {
-    let mut chars = name.chars();
-    let valid = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && name.len() <= 63
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if valid {
-        Ok(name.to_owned())
-    } else {
-        Err(StoreError::backend(InvalidIdentifier {
-            name: name.to_owned(),
-        }))
-    }
+    sql::identifier(name, MAX_IDENTIFIER)
 }
 
 /// The statements of one store, built once for its schema and table.
@@ -429,38 +395,17 @@ impl PostgresStore {
     /// closed; abort the returned handle to stop it sooner. Must be called
     /// within a Tokio runtime.
     pub fn spawn_sweeper(&self, interval: Duration, batch: usize) -> tokio::task::JoinHandle<()> {
-        let store = self.clone();
-        let batch = batch.max(1);
-        tokio::spawn(async move {
-            // A closed pool stays closed: the application is shutting down.
-            while !store.pool.is_closed() {
-                let mut total = 0u64;
-                loop {
-                    match store.delete_expired(batch).await {
-                        Ok(n) => {
-                            total += n;
-                            if n < batch as u64 {
-                                break;
-                            }
-                            tokio::task::yield_now().await;
-                        }
-                        Err(err) => {
-                            tracing::warn!(
-                                table = %store.sql.qualified,
-                                error = %err,
-                                source = ?std::error::Error::source(&err),
-                                "idempotency sweep failed"
-                            );
-                            break;
-                        }
-                    }
-                }
-                if total > 0 {
-                    tracing::debug!(table = %store.sql.qualified, deleted = total, "idempotency sweep");
-                }
-                tokio::time::sleep(interval).await;
-            }
-        })
+        sql::spawn_sweeper(
+            self.clone(),
+            self.sql.qualified.clone(),
+            interval,
+            batch,
+            |store| store.pool.is_closed(),
+            |store, batch| {
+                let store = store.clone();
+                async move { store.delete_expired(batch).await }
+            },
+        )
     }
 
     /// The bound on every call.
@@ -485,22 +430,13 @@ impl PostgresStore {
         limit: Duration,
         op: impl Future<Output = Result<T, sqlx::Error>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout_at(deadline, op).await {
-            Ok(result) => result.map_err(map_err),
-            Err(_) => Err(StoreError::Timeout(limit)),
-        }
+        sql::bounded_until(deadline, limit, unavailable, op).await
     }
 
     /// One `begin` statement: `Some` with the outcome, `None` when the row
     /// was committed concurrently and is not in the statement's snapshot.
-    ///
-    /// The statement runs on a task of its own. One cut off here (by the
-    /// deadline, or by the caller dropping `begin`) still runs on in the
-    /// server, and may take the key under `token` once a row lock it waits
-    /// for is freed; its task sees that nobody took the answer and releases
-    /// the lock as soon as the statement has committed. A release sent
-    /// alongside instead may run before that commit, find nothing, and leave
-    /// the key locked until the lease ends.
+    /// The statement runs on a task of its own, which releases a lock that
+    /// nobody received ([`sql::answered_begin`]).
     async fn try_begin(
         &self,
         key: &StoreKey,
@@ -509,58 +445,30 @@ impl PostgresStore {
         lease: f64,
         deadline: Instant,
     ) -> Result<Option<Begin>, StoreError> {
-        let (tx, mut rx) = tokio::sync::oneshot::channel();
         let store = self.clone();
-        let (key, fingerprint, token) = (*key, *fingerprint, *token);
-        tokio::spawn(async move {
+        let (k, fp, t) = (*key, *fingerprint, *token);
+        let statement = async move {
             let row = sqlx::query(&store.sql.begin)
-                .bind(&key.as_bytes()[..])
-                .bind(&fingerprint.as_bytes()[..])
-                .bind(&token.to_bytes()[..])
+                .bind(&k.as_bytes()[..])
+                .bind(&fp.as_bytes()[..])
+                .bind(&t.to_bytes()[..])
                 .bind(lease)
                 .fetch_optional(&store.pool)
-                .await;
-            if let Err(unanswered) = tx.send(row) {
-                store.release_if_acquired(&key, &token, unanswered).await;
+                .await
+                .map_err(map_err)?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            let acquired: bool = row.try_get("acquired").map_err(map_err)?;
+            if acquired {
+                return Ok(Some(Begin::Acquired(t)));
             }
-        });
-        let row = match tokio::time::timeout_at(deadline, &mut rx).await {
-            Ok(Ok(row)) => row.map_err(map_err)?,
-            Ok(Err(_)) => return Err(StoreError::backend("begin's task ended without an answer")),
-            Err(_) => {
-                // No answer from here on: the task releases what it takes.
-                // One that arrived as the deadline passed is released here.
-                rx.close();
-                if let Ok(row) = rx.try_recv() {
-                    let store = self.clone();
-                    tokio::spawn(async move { store.release_if_acquired(&key, &token, row).await });
-                }
-                return Err(StoreError::Timeout(self.timeout));
-            }
+            live_row(&row).map(Some)
         };
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let acquired: bool = row.try_get("acquired").map_err(map_err)?;
-        if acquired {
-            return Ok(Some(Begin::Acquired(token)));
-        }
-        live_row(&row).map(Some)
-    }
-
-    /// Releases the lock a `begin` statement took under `token`, given the
-    /// answer nobody received.
-    async fn release_if_acquired(
-        &self,
-        key: &StoreKey,
-        token: &LockToken,
-        row: Result<Option<sqlx::postgres::PgRow>, sqlx::Error>,
-    ) {
-        let acquired =
-            matches!(&row, Ok(Some(row)) if row.try_get::<bool, _>("acquired").unwrap_or(false));
-        if acquired {
-            release_unanswered(self, key, token).await;
-        }
+        sql::answered_begin(self, k, t, deadline, self.timeout, statement, |answer| {
+            matches!(answer, Some(Begin::Acquired(_)))
+        })
+        .await
     }
 }
 
@@ -568,56 +476,32 @@ impl PostgresStore {
 /// outcome of a `begin` that did not take the key: in flight, or completed.
 pub(super) fn live_row(row: &sqlx::postgres::PgRow) -> Result<Begin, StoreError> {
     let state: Option<i16> = row.try_get("state").map_err(map_err)?;
-    match state {
-        Some(0) => {
-            let stored: Option<Vec<u8>> = row.try_get("fingerprint").map_err(map_err)?;
-            let stored = stored
-                .and_then(|bytes| <[u8; 32]>::try_from(bytes.as_slice()).ok())
-                .ok_or_else(|| malformed("fingerprint is not 32 bytes"))?;
-            Ok(Begin::InFlight {
-                fingerprint: Some(Fingerprint::from_bytes(stored)),
-            })
-        }
-        Some(1) => {
-            let bytes: Option<Vec<u8>> = row.try_get("record").map_err(map_err)?;
-            let bytes = bytes.ok_or_else(|| malformed("completed row without a record"))?;
-            Ok(Begin::Completed(Record::decode_bytes(Bytes::from(bytes))?))
-        }
-        _ => Err(malformed("unknown state")),
-    }
+    sql::live_row(
+        state.map(i64::from),
+        row.try_get("fingerprint").map_err(map_err)?,
+        row.try_get("record").map_err(map_err)?,
+    )
 }
 
 pub(super) fn interval_secs(d: Duration) -> f64 {
-    d.min(MAX_INTERVAL).as_secs_f64()
-}
-
-fn malformed(what: &'static str) -> StoreError {
-    StoreError::backend(format!("malformed idempotency row: {what}"))
+    sql::capped(d).as_secs_f64()
 }
 
 /// Connection-level failures are `Unavailable`; everything else `Backend`.
-fn map_err(err: sqlx::Error) -> StoreError {
-    use sqlx::Error as E;
-    let unavailable = match &err {
-        E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::Tls(_) | E::WorkerCrashed => true,
-        E::Database(db) => db.code().is_some_and(|code| unavailable_state(&code)),
-        _ => false,
-    };
-    if unavailable {
-        StoreError::unavailable(err)
-    } else {
-        StoreError::backend(err)
-    }
+pub(super) fn map_err(err: sqlx::Error) -> StoreError {
+    sql::map_err(err, unavailable)
 }
 
 /// SQLSTATEs that mean the server cannot serve now, rather than that the
 /// statement is wrong: connection exceptions (08), insufficient resources
 /// (53), shutdown and start-up (57P01-57P03), and a read-only server
 /// (25006, as after a failover).
-fn unavailable_state(code: &str) -> bool {
-    code.starts_with("08")
-        || code.starts_with("53")
-        || matches!(code, "57P01" | "57P02" | "57P03" | "25006")
+fn unavailable(err: &(dyn sqlx::error::DatabaseError + 'static)) -> bool {
+    err.code().is_some_and(|code| {
+        code.starts_with("08")
+            || code.starts_with("53")
+            || matches!(&*code, "57P01" | "57P02" | "57P03" | "25006")
+    })
 }
 
 #[async_trait]
@@ -714,28 +598,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn identifiers_are_validated() {
-        for ok in ["a", "_", "idempotency_records", "T1", &"x".repeat(63)] {
-            assert!(identifier(ok).is_ok(), "{ok:?}");
-        }
-        for bad in [
-            "",
-            "1a",
-            "a-b",
-            "a b",
-            "a\"b",
-            "é",
-            "public.t",
-            &"x".repeat(64),
-        ] {
-            match identifier(bad) {
-                Err(StoreError::Backend(err)) => {
-                    let err = err.downcast_ref::<InvalidIdentifier>();
-                    assert_eq!(err.map(InvalidIdentifier::name), Some(bad));
-                }
-                other => panic!("{bad:?} accepted: {other:?}"),
-            }
-        }
+    fn identifiers_are_validated_at_postgres_length() {
+        assert!(identifier(&"x".repeat(63)).is_ok());
+        assert!(identifier(&"x".repeat(64)).is_err());
     }
 
     #[test]
@@ -751,8 +616,8 @@ mod tests {
     }
 
     #[test]
-    fn intervals_are_capped() {
+    fn intervals_are_in_seconds() {
         assert_eq!(interval_secs(Duration::from_millis(1500)), 1.5);
-        assert_eq!(interval_secs(Duration::MAX), MAX_INTERVAL.as_secs_f64());
+        assert!(interval_secs(Duration::MAX) < 1e11);
     }
 }

@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+pub mod proxy;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -147,6 +149,7 @@ pub const REDIS: (&str, &str) = ("REDIS_URL", "redis://127.0.0.1:6379");
 pub const POSTGRES: (&str, &str) = ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test");
 pub const NATS: (&str, &str) = ("NATS_URL", "nats://127.0.0.1:4222");
 pub const RABBITMQ: (&str, &str) = ("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
+pub const MYSQL: (&str, &str) = ("MYSQL_URL", "mysql://root@127.0.0.1:3306/test");
 
 /// The URL of a backend: its variable if set, otherwise the standard local
 /// address if something listens there. `None` (the caller skips) when
@@ -218,6 +221,7 @@ fn listening(url: &str) -> bool {
         Some("postgres" | "postgresql") => 5432,
         Some("nats") => 4222,
         Some("amqp") => 5672,
+        Some("mysql" | "mariadb") => 3306,
         _ => return false,
     };
     let addr = if host_port.contains(':') {
