@@ -1,8 +1,18 @@
 //! An order service whose `POST /orders` is safe to retry.
 //!
 //! Run with `cargo run --example orders` (in-memory store). With
-//! `--features redis` and `REDIS_URL` set, records live in Redis; with
-//! `--features postgres` and `DATABASE_URL` set, in PostgreSQL.
+//! `--features redis` and `REDIS_URL` set, records live in Redis. Otherwise
+//! the scheme of `DATABASE_URL` picks a SQL store, each with its feature:
+//!
+//! | `DATABASE_URL` | store | feature |
+//! |---|---|---|
+//! | `postgres://…`, `postgresql://…` | `PostgresStore` | `postgres` |
+//! | `mysql://…`, `mariadb://…` | `MySqlStore` | `mysql` |
+//! | `sqlite://PATH`, `sqlite:PATH` | `SqliteStore` (the file is created if missing) | `sqlite` |
+//!
+//! A URL whose store is not compiled in is ignored with a warning, and the
+//! records stay in memory. Each SQL store creates its table if missing and
+//! sweeps expired rows every minute.
 //!
 //! - `POST /orders` with JSON `{"item": string, "qty": integer}` and an
 //!   `Idempotency-Key` header (required): creates an order with a fresh
@@ -72,7 +82,8 @@ async fn list_orders(State(app): State<App>) -> Json<Vec<Order>> {
     Json(app.orders.lock().unwrap_or_else(|e| e.into_inner()).clone())
 }
 
-/// The store named by the environment: Redis, PostgreSQL, or memory.
+/// The store named by the environment: Redis, a SQL database by the
+/// scheme of `DATABASE_URL`, or memory.
 async fn store() -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
     #[cfg(feature = "redis")]
     if let Ok(url) = std::env::var("REDIS_URL") {
@@ -81,20 +92,63 @@ async fn store() -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
             tower_idempotency::RedisStore::from_url(&url).await?,
         ));
     }
-    #[cfg(feature = "postgres")]
-    if let Ok(url) = std::env::var("DATABASE_URL") {
-        tracing::info!("using PostgresStore");
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .test_before_acquire(false)
-            .connect(&url)
-            .await?;
-        let store = tower_idempotency::PostgresStore::new(pool);
-        store.migrate().await?;
-        store.spawn_sweeper(Duration::from_secs(60), 1000);
-        return Ok(Arc::new(store));
+    if let Ok(url) = std::env::var("DATABASE_URL")
+        && let Some(store) = sql_store(&url).await?
+    {
+        return Ok(store);
     }
     tracing::info!("using MemoryStore");
     Ok(Arc::new(MemoryStore::new()))
+}
+
+/// The SQL store `url`'s scheme names, if its feature is compiled in.
+async fn sql_store(url: &str) -> Result<Option<Arc<dyn Store>>, Box<dyn std::error::Error>> {
+    let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
+    let sweep = Duration::from_secs(60);
+    match scheme {
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => {
+            tracing::info!("using PostgresStore");
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .test_before_acquire(false)
+                .connect(url)
+                .await?;
+            let store = tower_idempotency::PostgresStore::new(pool);
+            store.migrate().await?;
+            store.spawn_sweeper(sweep, 1000);
+            Ok(Some(Arc::new(store)))
+        }
+        #[cfg(feature = "mysql")]
+        "mysql" | "mariadb" => {
+            use std::str::FromStr;
+            tracing::info!("using MySqlStore");
+            let options =
+                sqlx::mysql::MySqlConnectOptions::from_str(&url.replacen("mariadb:", "mysql:", 1))?;
+            let pool = sqlx::mysql::MySqlPoolOptions::new()
+                .test_before_acquire(false)
+                .connect_with(options)
+                .await?;
+            let store = tower_idempotency::store::MySqlStore::new(pool);
+            store.migrate().await?;
+            store.spawn_sweeper(sweep, 1000);
+            Ok(Some(Arc::new(store)))
+        }
+        #[cfg(feature = "sqlite")]
+        "sqlite" => {
+            tracing::info!("using SqliteStore");
+            let store = tower_idempotency::store::SqliteStore::open(url).await?;
+            store.migrate().await?;
+            store.spawn_sweeper(sweep, 1000);
+            Ok(Some(Arc::new(store)))
+        }
+        _ => {
+            tracing::warn!(
+                scheme,
+                "DATABASE_URL names no store compiled into this build (features postgres, mysql, sqlite); keeping records in memory"
+            );
+            Ok(None)
+        }
+    }
 }
 
 #[tokio::main]

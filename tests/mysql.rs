@@ -609,12 +609,10 @@ async fn no_raw_key_in_any_row() {
     let key = "raw-key-4f1d9c7e-never-stored";
     let (status, _, _) = call_post(&app, Some(key), "{\"item\":\"x\"}").await;
     assert_eq!(status, StatusCode::CREATED);
-    let rows: Vec<(Vec<u8>, Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>)> = sqlx::query_as(
-        &format!(
-            "SELECT `key`, fingerprint, lock_token, record FROM {}",
-            store.quoted_table()
-        ),
-    )
+    let rows: Vec<(Vec<u8>, Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>)> = sqlx::query_as(&format!(
+        "SELECT `key`, fingerprint, lock_token, record FROM {}",
+        store.quoted_table()
+    ))
     .fetch_all(store.pool())
     .await
     .unwrap();
@@ -755,7 +753,10 @@ async fn statements_per_step_in_each_flavor() {
         assert_eq!(faulty.calls(Op::Complete) - before.1, 1);
         settle().await;
         let (statements, commands) = wire.take();
-        assert_eq!(statements, 2, "{flavor:?}: a first execution, begin and complete");
+        assert_eq!(
+            statements, 2,
+            "{flavor:?}: a first execution, begin and complete"
+        );
         assert_eq!(commands, statements, "{flavor:?}: one round trip each");
 
         let (status, headers, _) = call_post(&app, Some(&key), "{}").await;

@@ -445,79 +445,9 @@ async fn ready(log: &Log, proc: &mut Proc) {
     }
 }
 
-/// The `consumer` example, built once with this test binary's features
-/// (so that `cargo test` has usually built it already), next to this
-/// binary: `target/<profile>/examples/consumer`.
+/// The `consumer` example, built with this test binary's features.
 async fn consumer_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    if let Some(bin) = BIN.get() {
-        return bin.clone();
-    }
-    let bin = tokio::task::spawn_blocking(|| {
-        let features: Vec<&str> = [
-            (cfg!(feature = "test-util"), "test-util"),
-            (cfg!(feature = "redis"), "redis"),
-            (cfg!(feature = "postgres"), "postgres"),
-            (cfg!(feature = "metrics"), "metrics"),
-            (cfg!(feature = "client"), "client"),
-            (cfg!(feature = "axum"), "axum"),
-            (cfg!(feature = "json"), "json"),
-        ]
-        .into_iter()
-        .filter_map(|(on, name)| on.then_some(name))
-        .collect();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let mut cmd = std::process::Command::new(cargo);
-        // What cargo sets for a test run describes this package: build
-        // scripts that watch such variables (ring's) would see them change
-        // and rebuild, here and again in the next plain `cargo test`.
-        for (var, _) in std::env::vars_os() {
-            let name = var.to_string_lossy();
-            if [
-                "CARGO_MANIFEST_",
-                "CARGO_PKG_",
-                "CARGO_CRATE_",
-                "CARGO_BIN_",
-            ]
-            .iter()
-            .any(|p| name.starts_with(p))
-                || [
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                    "CARGO_RUSTC_CURRENT_DIR",
-                    "OUT_DIR",
-                ]
-                .contains(&&*name)
-            {
-                cmd.env_remove(&var);
-            }
-        }
-        cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args([
-            "build",
-            "--example",
-            "consumer",
-            "--features",
-            &features.join(","),
-        ]);
-        if !cfg!(debug_assertions) {
-            cmd.arg("--release");
-        }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "building the consumer example failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // target/<profile>/deps/nats-<hash> → target/<profile>
-        let exe = std::env::current_exe().unwrap();
-        let profile = exe.parent().unwrap().parent().unwrap();
-        let bin = profile.join("examples").join("consumer");
-        assert!(bin.exists(), "{} is missing after the build", bin.display());
-        bin
-    })
-    .await
-    .unwrap();
-    BIN.get_or_init(|| bin).clone()
+    common::example_bin("consumer").await
 }
 
 // ---------------------------------------------------------------------------

@@ -14,7 +14,7 @@ mod common;
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
@@ -22,8 +22,6 @@ use axum::http::StatusCode;
 use common::proxy::{self, Proxy, Tap};
 use common::{Counter, call_post, post_req, problem, send};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 use tower_idempotency::store::postgres::{InvalidIdentifier, PgPool, PostgresStore};
 use tower_idempotency::test_util::{FaultyStore, Op, random_key, sample_record};
 use tower_idempotency::{Begin, Fingerprint, IdempotencyLayer, Store, StoreError};

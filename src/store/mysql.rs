@@ -469,9 +469,15 @@ impl MySqlStore {
                 Err(err) => Err(map_err(err)),
             }
         };
-        sql::answered_begin(self, key, token, deadline, self.timeout, statement, |answer| {
-            matches!(answer, Some(Begin::Acquired(_)))
-        })
+        sql::answered_begin(
+            self,
+            key,
+            token,
+            deadline,
+            self.timeout,
+            statement,
+            |answer| matches!(answer, Some(Begin::Acquired(_))),
+        )
         .await
     }
 }

@@ -298,3 +298,86 @@ pub async fn delete_prefix(url: &str, prefix: &str) {
             .unwrap();
     }
 }
+
+/// An example of this package, built once per test binary with the test
+/// binary's features (so that `cargo test` has usually built it already),
+/// next to this binary: `target/<profile>/examples/<name>`.
+pub async fn example_bin(name: &'static str) -> std::path::PathBuf {
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+    use std::sync::{Mutex, OnceLock};
+
+    static BUILT: OnceLock<Mutex<HashMap<&'static str, PathBuf>>> = OnceLock::new();
+    let built = BUILT.get_or_init(Mutex::default);
+    if let Some(bin) = built.lock().unwrap().get(name) {
+        return bin.clone();
+    }
+    let bin = tokio::task::spawn_blocking(move || {
+        let features: Vec<&str> = [
+            (cfg!(feature = "test-util"), "test-util"),
+            (cfg!(feature = "redis"), "redis"),
+            (cfg!(feature = "postgres"), "postgres"),
+            (cfg!(feature = "mysql"), "mysql"),
+            (cfg!(feature = "sqlite"), "sqlite"),
+            (cfg!(feature = "metrics"), "metrics"),
+            (cfg!(feature = "client"), "client"),
+            (cfg!(feature = "axum"), "axum"),
+            (cfg!(feature = "json"), "json"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let mut cmd = std::process::Command::new(cargo);
+        // What cargo sets for a test run describes this package: build
+        // scripts that watch such variables (ring's) would see them change
+        // and rebuild, here and again in the next plain `cargo test`.
+        for (var, _) in std::env::vars_os() {
+            let var_name = var.to_string_lossy();
+            if [
+                "CARGO_MANIFEST_",
+                "CARGO_PKG_",
+                "CARGO_CRATE_",
+                "CARGO_BIN_",
+            ]
+            .iter()
+            .any(|p| var_name.starts_with(p))
+                || [
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                    "OUT_DIR",
+                ]
+                .contains(&&*var_name)
+            {
+                cmd.env_remove(&var);
+            }
+        }
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR")).args([
+            "build",
+            "--example",
+            name,
+            "--features",
+            &features.join(","),
+        ]);
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "building the {name} example failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // target/<profile>/deps/<test>-<hash> → target/<profile>
+        let exe = std::env::current_exe().unwrap();
+        let profile = exe.parent().unwrap().parent().unwrap();
+        let bin = profile.join("examples").join(name);
+        assert!(bin.exists(), "{} is missing after the build", bin.display());
+        bin
+    })
+    .await
+    .unwrap();
+    built.lock().unwrap().insert(name, bin.clone());
+    bin
+}

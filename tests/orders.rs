@@ -1,0 +1,221 @@
+//! The `orders` example driven from outside, over TCP, as its users run it,
+//! on every shared store it can pick from its environment: two instances on
+//! one store take 100 concurrent requests with one key and create one
+//! order; a fresh instance after both are gone replays that order without
+//! creating another.
+//!
+//! Each store runs when its feature is built and its server answers
+//! (SQLite needs none); outside CI a missing server skips with a visible
+//! line, under `CI=true` it fails.
+
+#![cfg(any(
+    feature = "redis",
+    feature = "postgres",
+    feature = "mysql",
+    feature = "sqlite"
+))]
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// One running `orders` process, killed when dropped.
+struct Orders {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Orders {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Orders {
+    /// Starts the example with `env` (and nothing of this process's store
+    /// variables), and waits until it accepts connections.
+    async fn start(env: &[(&str, String)]) -> Self {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let mut cmd = Command::new(common::example_bin("orders").await);
+        for var in [
+            "REDIS_URL",
+            "REDIS_CLUSTER_URLS",
+            "DATABASE_URL",
+            "DYNAMODB_TABLE",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.envs(env.iter().map(|(k, v)| (k, v)))
+            .env("PORT", port.to_string())
+            .env("ORDERS_DELAY_MS", "100")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        let mut orders = Self {
+            child: cmd.spawn().unwrap(),
+            port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            if let Some(status) = orders.child.try_wait().unwrap() {
+                panic!("orders exited before listening: {status}");
+            }
+            assert!(Instant::now() < deadline, "orders not listening in 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        orders
+    }
+
+    async fn post(&self, key: &str) -> Response {
+        let body = r#"{"item":"book","qty":1}"#;
+        request(
+            self.port,
+            &format!(
+                "POST /orders HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+                 Idempotency-Key: {key}\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+        .await
+    }
+
+    /// The orders this instance created.
+    async fn orders(&self) -> Vec<serde_json::Value> {
+        let res = request(
+            self.port,
+            "GET /orders HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(res.status, 200);
+        serde_json::from_str(&res.body).unwrap()
+    }
+}
+
+struct Response {
+    status: u16,
+    headers: HashMap<String, String>,
+    body: String,
+}
+
+/// One HTTP/1.1 exchange on a connection of its own.
+async fn request(port: u16, raw: &str) -> Response {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream.write_all(raw.as_bytes()).await.unwrap();
+    let mut bytes = Vec::new();
+    stream.read_to_end(&mut bytes).await.unwrap();
+    let text = String::from_utf8(bytes).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.lines();
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap();
+    let headers: HashMap<String, String> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    // axum answers these bodies with a length, never chunked.
+    assert!(!headers.contains_key("transfer-encoding"), "{head}");
+    Response {
+        status: status.parse().unwrap(),
+        headers,
+        body: body.to_owned(),
+    }
+}
+
+/// Two instances, 100 concurrent requests with one key: one order. Then
+/// both stop, a third starts, and the same key replays that order.
+async fn one_order_across_instances_and_restarts(env: Vec<(&str, String)>) {
+    let key = format!("\"{}\"", uuid::Uuid::new_v4());
+    let (a, b) = (Orders::start(&env).await, Orders::start(&env).await);
+    let (a, b) = (std::sync::Arc::new(a), std::sync::Arc::new(b));
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let instance = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move { instance.post(&key).await }));
+    }
+    let (mut created, mut replayed, mut conflicts) = (Vec::new(), 0, 0);
+    for task in tasks {
+        let res = task.await.unwrap();
+        match res.status {
+            201 if res.headers.get("idempotent-replayed").map(String::as_str) == Some("true") => {
+                created.push(res.body);
+                replayed += 1;
+            }
+            201 => created.push(res.body),
+            409 => {
+                assert_eq!(res.headers["content-type"], "application/problem+json");
+                conflicts += 1;
+            }
+            other => panic!("unexpected {other}: {}", res.body),
+        }
+    }
+    assert_eq!(created.len() + conflicts, 100);
+    assert_eq!(created.len(), replayed + 1, "one first execution");
+    assert!(
+        created.windows(2).all(|w| w[0] == w[1]),
+        "every 201 is the same order"
+    );
+    let made = a.orders().await.len() + b.orders().await.len();
+    assert_eq!(made, 1, "the two instances created {made} orders");
+    let order: serde_json::Value = serde_json::from_str(&created[0]).unwrap();
+
+    // Both instances stop; a new one replays from the store.
+    drop((a, b));
+    let c = Orders::start(&env).await;
+    let res = c.post(&key).await;
+    assert_eq!(res.status, 201, "{}", res.body);
+    assert_eq!(res.headers["idempotent-replayed"], "true");
+    let replay: serde_json::Value = serde_json::from_str(&res.body).unwrap();
+    assert_eq!(replay, order, "the same order, byte for byte in JSON");
+    assert!(c.orders().await.is_empty(), "the restart created an order");
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_on_postgres() {
+    let Some(url) = common::backend(common::POSTGRES) else {
+        return;
+    };
+    one_order_across_instances_and_restarts(vec![("DATABASE_URL", url)]).await;
+}
+
+#[cfg(feature = "mysql")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_on_mariadb() {
+    let Some(url) = common::backend(common::MYSQL) else {
+        return;
+    };
+    // The `mariadb://` scheme, as the example documents it.
+    let url = url.replacen("mysql://", "mariadb://", 1);
+    one_order_across_instances_and_restarts(vec![("DATABASE_URL", url)]).await;
+}
+
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_on_sqlite() {
+    let dir = std::env::temp_dir().join(format!("orders-sqlite-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // The file does not exist yet: the example creates it.
+    let url = format!("sqlite://{}", dir.join("orders.db").display());
+    one_order_across_instances_and_restarts(vec![("DATABASE_URL", url)]).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_on_redis() {
+    let Some(url) = common::backend(common::REDIS) else {
+        return;
+    };
+    one_order_across_instances_and_restarts(vec![("REDIS_URL", url)]).await;
+}
