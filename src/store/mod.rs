@@ -42,6 +42,9 @@ use crate::record::{DecodeError, Record};
 pub use crate::attachment::Attachment;
 
 pub mod memory;
+#[cfg(feature = "mysql")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
+pub mod mysql;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
@@ -53,30 +56,27 @@ pub mod postgres_tx;
 pub mod redis;
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 mod sql;
-#[cfg(feature = "mysql")]
-#[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
-pub mod mysql;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub mod sqlite;
 
 pub use memory::MemoryStore;
+#[cfg(feature = "mysql")]
+pub use mysql::MySqlStore;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
 #[cfg(feature = "postgres")]
 pub use postgres_tx::{IdempotentTransaction, TransactionalPostgresStore};
 #[cfg(feature = "redis")]
 pub use redis::RedisStore;
-#[cfg(feature = "mysql")]
-pub use mysql::MySqlStore;
-#[cfg(feature = "sqlite")]
-pub use sqlite::SqliteStore;
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 #[cfg_attr(
     docsrs,
     doc(cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite")))
 )]
 pub use sql::InvalidIdentifier;
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteStore;
 
 /// A boxed error, as tower uses.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -323,14 +323,24 @@ pub trait Store: Send + Sync + 'static {
 /// releases the lock under the attempt's own token in the background: the
 /// release is fenced, so it can only free a lock this very attempt took.
 /// Without it such a lock would refuse every retry until its lease ran out.
-#[cfg(any(feature = "redis", feature = "postgres", feature = "mysql", feature = "sqlite"))]
+#[cfg(any(
+    feature = "redis",
+    feature = "postgres",
+    feature = "mysql",
+    feature = "sqlite"
+))]
 pub(crate) struct Unsettled<S: Store + Clone> {
     store: Option<S>,
     key: StoreKey,
     token: LockToken,
 }
 
-#[cfg(any(feature = "redis", feature = "postgres", feature = "mysql", feature = "sqlite"))]
+#[cfg(any(
+    feature = "redis",
+    feature = "postgres",
+    feature = "mysql",
+    feature = "sqlite"
+))]
 impl<S: Store + Clone> Unsettled<S> {
     pub(crate) fn new(store: &S, key: &StoreKey, token: LockToken) -> Self {
         Self {
@@ -346,7 +356,12 @@ impl<S: Store + Clone> Unsettled<S> {
     }
 }
 
-#[cfg(any(feature = "redis", feature = "postgres", feature = "mysql", feature = "sqlite"))]
+#[cfg(any(
+    feature = "redis",
+    feature = "postgres",
+    feature = "mysql",
+    feature = "sqlite"
+))]
 impl<S: Store + Clone> Drop for Unsettled<S> {
     fn drop(&mut self) {
         let Some(store) = self.store.take() else {
@@ -362,7 +377,12 @@ impl<S: Store + Clone> Drop for Unsettled<S> {
 
 /// Releases the lock `token` may hold on `key` although its `begin` went
 /// unanswered, retrying a store failure a few times with backoff.
-#[cfg(any(feature = "redis", feature = "postgres", feature = "mysql", feature = "sqlite"))]
+#[cfg(any(
+    feature = "redis",
+    feature = "postgres",
+    feature = "mysql",
+    feature = "sqlite"
+))]
 pub(crate) async fn release_unanswered<S: Store + ?Sized>(
     store: &S,
     key: &StoreKey,

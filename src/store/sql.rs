@@ -327,6 +327,9 @@ mod tests {
             live_row(Some(1), None, Some(b"garbage".to_vec())),
             Err(StoreError::Corrupt(_))
         ));
-        assert!(matches!(live_row(Some(2), None, None), Err(StoreError::Backend(_))));
+        assert!(matches!(
+            live_row(Some(2), None, None),
+            Err(StoreError::Backend(_))
+        ));
     }
 }
