@@ -4,7 +4,8 @@
 #
 #   perf/run-http.sh              # bare; memory unique/repeat/storm;
 #                                 # memory bounded to 20,000 entries;
-#                                 # redis and postgres unique/repeat
+#                                 # redis, postgres, mysql and sqlite
+#                                 # unique/repeat
 #   perf/run-http.sh --million    # bare, then memory preloaded with
 #                                 # 1,000,000 records: replays and first
 #                                 # executions on top of them; then first
@@ -14,8 +15,9 @@
 #   CONNECTIONS [64]  DURATION [10] s  WARMUP [2] s  BODY_BYTES [1024]
 #   LOADGEN_THREADS [1]  SERVER_THREADS [0 = one per core]  PORT [39180]
 #   PRELOAD [1000000] (--million)  RESULTS_DIR [a new temporary directory]
-#   REDIS_URL, DATABASE_URL: the redis and postgres rows run only when set
-#   (PG_POOL [16]: the server's PostgreSQL pool size).
+#   REDIS_URL, DATABASE_URL, MYSQL_URL: the redis, postgres and mysql rows
+#   run only when set (PG_POOL [16]: the server's SQL pool size). The sqlite
+#   row runs on a fresh file in the temporary directory (SQLITE_PATH).
 #
 # The load generator and the server share the machine's cores: the figures
 # are for comparing rows of one run, not absolute capacity. Every load run
@@ -51,6 +53,8 @@ features=()
 if [ "$million" = 0 ]; then
   if [ -n "${REDIS_URL:-}" ]; then features+=(redis); fi
   if [ -n "${DATABASE_URL:-}" ]; then features+=(postgres); fi
+  if [ -n "${MYSQL_URL:-}" ]; then features+=(mysql); fi
+  features+=(sqlite)
 fi
 feature_list="$(IFS=,; echo "${features[*]:-}")"
 
@@ -172,13 +176,17 @@ else
   start_server memory-bounded memory --max-entries 20000
   measure "memory, 20,000 max" unique
   stop_server
-  for backend in redis postgres; do
+  for backend in redis postgres mysql sqlite; do
     if [ "$backend" = redis ] && [ -z "${REDIS_URL:-}" ]; then
       echo "==> skipping redis: REDIS_URL is unset" >&2
       continue
     fi
     if [ "$backend" = postgres ] && [ -z "${DATABASE_URL:-}" ]; then
       echo "==> skipping postgres: DATABASE_URL is unset" >&2
+      continue
+    fi
+    if [ "$backend" = mysql ] && [ -z "${MYSQL_URL:-}" ]; then
+      echo "==> skipping mysql: MYSQL_URL is unset" >&2
       continue
     fi
     if start_server "$backend" "$backend"; then

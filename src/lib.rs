@@ -97,7 +97,8 @@
 //!           Fingerprint, LockToken and Record (response | value | tombstone);
 //!           attachment() for request-scoped state, capabilities(); no http type
 //!                                   |
-//! backends  MemoryStore, RedisStore, PostgresStore, TransactionalPostgresStore
+//! backends  MemoryStore, SqliteStore, PostgresStore, TransactionalPostgresStore,
+//!           MySqlStore, RedisStore
 //! ```
 //!
 //! A face turns its input into a store key and a fingerprint and its
@@ -167,7 +168,9 @@
 //! |---|---|
 //! | [`MemoryStore`] | one process; tests. Sharded, bounded, self-expiring. |
 //! | `RedisStore` (feature `redis`) | several instances behind a load balancer; one round trip per step. |
+//! | `SqliteStore` (feature `sqlite`) | one host: records survive restarts in one file that every process on the host shares; no server to run. |
 //! | `PostgresStore` (feature `postgres`) | records must survive restarts, in the database the service already runs. |
+//! | `MySqlStore` (feature `mysql`) | the same, for a service on MySQL 8 or MariaDB. |
 //! | `TransactionalPostgresStore` (feature `postgres`) | the handler writes to that same database: its writes and the record commit in one transaction, so a crash can never run it twice. |
 //!
 //! Any other backend implements [`Store`] and proves itself with the
@@ -219,6 +222,10 @@
 //!   through Redis.
 //! - `postgres`: `PostgresStore`, durable records in
 //!   PostgreSQL through sqlx.
+//! - `mysql`: `MySqlStore`, durable records in MySQL 8 or MariaDB through
+//!   sqlx.
+//! - `sqlite`: `SqliteStore`, durable records in one SQLite file for the
+//!   processes of one host, through sqlx (SQLite compiled in).
 //! - `metrics`: counters and histograms through the `metrics` facade (see
 //!   [`observe`]).
 //! - `test-util`: the store conformance suite ([`test_util`]) and a
@@ -270,6 +277,8 @@ mod test_helpers;
     feature = "axum",
     feature = "redis",
     feature = "postgres",
+    feature = "mysql",
+    feature = "sqlite",
     feature = "client",
     feature = "json"
 ))]

@@ -609,7 +609,8 @@ async fn no_raw_key_in_any_row() {
     let key = "raw-key-4f1d9c7e-never-stored";
     let (status, _, _) = call_post(&app, Some(key), "{\"item\":\"x\"}").await;
     assert_eq!(status, StatusCode::CREATED);
-    let rows: Vec<(Vec<u8>, Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>)> = sqlx::query_as(&format!(
+    type Row = (Vec<u8>, Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>);
+    let rows: Vec<Row> = sqlx::query_as(&format!(
         "SELECT `key`, fingerprint, lock_token, record FROM {}",
         store.quoted_table()
     ))

@@ -9,9 +9,11 @@ use std::sync::{Arc, Mutex};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-/// Makes, for each forwarded connection, the function that sees the bytes
-/// its client sends, in order.
-pub type Tap = Arc<dyn Fn() -> Box<dyn FnMut(&[u8]) + Send> + Send + Sync>;
+/// Sees the bytes one connection's client sends, in order.
+pub type Sink = Box<dyn FnMut(&[u8]) + Send>;
+
+/// Makes, for each forwarded connection, its [`Sink`].
+pub type Tap = Arc<dyn Fn() -> Sink + Send + Sync>;
 
 /// A TCP forwarder that can be stopped and started again.
 pub struct Proxy {
@@ -63,11 +65,7 @@ impl Proxy {
 }
 
 /// Forwards `client` to `upstream`, showing `tap` what the client sends.
-async fn forward_tapped(
-    client: TcpStream,
-    upstream: SocketAddr,
-    mut tap: Box<dyn FnMut(&[u8]) + Send>,
-) {
+async fn forward_tapped(client: TcpStream, upstream: SocketAddr, mut tap: Sink) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(server) = TcpStream::connect(upstream).await else {
         return;

@@ -101,6 +101,8 @@ enum Mode {
     Memory,
     Redis,
     Postgres,
+    Mysql,
+    Sqlite,
 }
 
 impl std::str::FromStr for Mode {
@@ -111,6 +113,8 @@ impl std::str::FromStr for Mode {
             "memory" => Self::Memory,
             "redis" => Self::Redis,
             "postgres" => Self::Postgres,
+            "mysql" => Self::Mysql,
+            "sqlite" => Self::Sqlite,
             _ => return Err(format!("unknown mode `{s}`")),
         })
     }
@@ -132,6 +136,8 @@ async fn store(
         }
         Mode::Redis => redis_store().await.map(|s| (Some(s), None)),
         Mode::Postgres => postgres_store().await.map(|s| (Some(s), None)),
+        Mode::Mysql => mysql_store().await.map(|s| (Some(s), None)),
+        Mode::Sqlite => sqlite_store().await.map(|s| (Some(s), None)),
     }
 }
 
@@ -174,6 +180,51 @@ async fn postgres_store() -> Result<Arc<dyn Store>, BoxError> {
 #[cfg(not(feature = "postgres"))]
 async fn postgres_store() -> Result<Arc<dyn Store>, BoxError> {
     Err("--mode postgres needs the `postgres` feature of this crate".into())
+}
+
+#[cfg(feature = "mysql")]
+async fn mysql_store() -> Result<Arc<dyn Store>, BoxError> {
+    use std::str::FromStr;
+    let url = std::env::var("MYSQL_URL").map_err(|_| "--mode mysql needs MYSQL_URL")?;
+    let pool_size: u32 = std::env::var("PG_POOL")
+        .ok()
+        .map(|p| p.parse())
+        .transpose()?
+        .unwrap_or(16);
+    let options =
+        sqlx::mysql::MySqlConnectOptions::from_str(&url.replacen("mariadb:", "mysql:", 1))?;
+    let pool = sqlx::mysql::MySqlPoolOptions::new()
+        .test_before_acquire(false)
+        .max_connections(pool_size)
+        .connect_with(options)
+        .await?;
+    let store =
+        tower_idempotency::store::MySqlStore::new(pool).with_table("perf_idempotency_records")?;
+    store.migrate().await?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "mysql"))]
+async fn mysql_store() -> Result<Arc<dyn Store>, BoxError> {
+    Err("--mode mysql needs the `mysql` feature of this crate".into())
+}
+
+/// A SQLite file at `SQLITE_PATH`, or a fresh one in the temporary
+/// directory.
+#[cfg(feature = "sqlite")]
+async fn sqlite_store() -> Result<Arc<dyn Store>, BoxError> {
+    let path = match std::env::var("SQLITE_PATH") {
+        Ok(path) => std::path::PathBuf::from(path),
+        Err(_) => std::env::temp_dir().join(format!("bench-server-{}.db", std::process::id())),
+    };
+    let store = tower_idempotency::store::SqliteStore::open(&path).await?;
+    store.migrate().await?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "sqlite"))]
+async fn sqlite_store() -> Result<Arc<dyn Store>, BoxError> {
+    Err("--mode sqlite needs the `sqlite` feature of this crate".into())
 }
 
 /// Records `n` orders through `app`, from `tasks` concurrent tasks.
