@@ -104,7 +104,6 @@ async fn store() -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
 /// The SQL store `url`'s scheme names, if its feature is compiled in.
 async fn sql_store(url: &str) -> Result<Option<Arc<dyn Store>>, Box<dyn std::error::Error>> {
     let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
-    let sweep = Duration::from_secs(60);
     match scheme {
         #[cfg(feature = "postgres")]
         "postgres" | "postgresql" => {
@@ -115,7 +114,7 @@ async fn sql_store(url: &str) -> Result<Option<Arc<dyn Store>>, Box<dyn std::err
                 .await?;
             let store = tower_idempotency::PostgresStore::new(pool);
             store.migrate().await?;
-            store.spawn_sweeper(sweep, 1000);
+            store.spawn_sweeper(Duration::from_secs(60), 1000);
             Ok(Some(Arc::new(store)))
         }
         #[cfg(feature = "mysql")]
@@ -130,7 +129,7 @@ async fn sql_store(url: &str) -> Result<Option<Arc<dyn Store>>, Box<dyn std::err
                 .await?;
             let store = tower_idempotency::store::MySqlStore::new(pool);
             store.migrate().await?;
-            store.spawn_sweeper(sweep, 1000);
+            store.spawn_sweeper(Duration::from_secs(60), 1000);
             Ok(Some(Arc::new(store)))
         }
         #[cfg(feature = "sqlite")]
@@ -138,7 +137,7 @@ async fn sql_store(url: &str) -> Result<Option<Arc<dyn Store>>, Box<dyn std::err
             tracing::info!("using SqliteStore");
             let store = tower_idempotency::store::SqliteStore::open(url).await?;
             store.migrate().await?;
-            store.spawn_sweeper(sweep, 1000);
+            store.spawn_sweeper(Duration::from_secs(60), 1000);
             Ok(Some(Arc::new(store)))
         }
         _ => {

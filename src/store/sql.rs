@@ -30,6 +30,7 @@ pub(crate) const MAINTENANCE_TIMEOUT: Duration = Duration::from_secs(30);
 /// arithmetic of no database can overflow.
 const MAX_INTERVAL: Duration = Duration::from_secs(1000 * 366 * 24 * 60 * 60);
 /// How often a `begin` runs again when the row it saw changed under it.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 pub(crate) const BEGIN_ATTEMPTS: usize = 5;
 
 /// A schema or table name that is not a plain SQL identifier.
@@ -96,6 +97,7 @@ pub(crate) fn capped(d: Duration) -> Duration {
 
 /// `d` in whole microseconds, capped, as the MySQL and SQLite statements
 /// take it.
+#[cfg(any(feature = "mysql", feature = "sqlite"))]
 pub(crate) fn micros(d: Duration) -> i64 {
     // 1000 years of microseconds is about 3.2e16: far inside i64.
     i64::try_from(capped(d).as_micros()).unwrap_or(i64::MAX)
@@ -297,6 +299,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(any(feature = "mysql", feature = "sqlite"))]
     fn intervals_are_capped() {
         assert_eq!(micros(Duration::from_millis(1500)), 1_500_000);
         assert_eq!(capped(Duration::MAX), MAX_INTERVAL);

@@ -41,8 +41,8 @@
 //! worker and its web front, an old and a new process during a rolling
 //! restart. It is not a store for several hosts: file locks over a network
 //! filesystem (NFS, SMB) are unreliable, and SQLite's write-ahead log needs
-//! shared memory that only one host has. Use
-//! [`PostgresStore`](super::PostgresStore), a MySQL or a Redis store there.
+//! shared memory that only one host has. Use the PostgreSQL, MySQL or
+//! Redis store there.
 //!
 //! # Opening the file
 //!
@@ -169,8 +169,6 @@ use super::{Begin, LockToken, Store, StoreError, StoreKey, Unsettled};
 use crate::fingerprint::Fingerprint;
 use crate::record::Record;
 
-pub use super::sql::InvalidIdentifier;
-
 const DEFAULT_TABLE: &str = "idempotency_records";
 /// The identifier limit the SQL stores share for SQLite (which has none of
 /// its own).
@@ -202,8 +200,9 @@ impl Sql {
         // `?1` key, `?2` fingerprint, `?3` token, `?4` lease in microseconds.
         // The DO UPDATE always fires, so RETURNING always yields the row:
         // each column takes the new value only if the row has expired (every
-        // SET expression reads the row as it was before the update).
-        let expired = format!("{t}.expires_at <= {NOW}");
+        // SET expression reads the row as it was before the update). The
+        // proposed row's `created_at` is the statement's `now`.
+        let expired = format!("{t}.expires_at <= excluded.created_at");
         let take = |column: &str, new: &str| {
             format!("{column} = CASE WHEN {expired} THEN {new} ELSE {t}.{column} END")
         };
@@ -367,7 +366,7 @@ impl SqliteStore {
 
     /// Uses the table `name` (default `idempotency_records`).
     ///
-    /// Fails with [`StoreError::Backend`] holding an [`InvalidIdentifier`]
+    /// Fails with [`StoreError::Backend`] holding an [`InvalidIdentifier`](super::InvalidIdentifier)
     /// unless `name` matches `[A-Za-z_][A-Za-z0-9_]{0,63}`. The name is
     /// quoted, so its case is kept.
     pub fn with_table(mut self, name: &str) -> Result<Self, StoreError> {
@@ -398,7 +397,7 @@ impl SqliteStore {
     }
 
     /// The quoted table name, as in `"idempotency_records"`.
-    pub fn table(&self) -> &str {
+    pub fn quoted_table(&self) -> &str {
         &self.sql.quoted
     }
 
@@ -712,17 +711,21 @@ mod tests {
     async fn table_names_are_validated_and_quoted() {
         let pool = SqlitePoolOptions::new().connect_lazy_with(SqliteConnectOptions::new());
         let store = SqliteStore::new(pool);
-        assert_eq!(store.table(), "\"idempotency_records\"");
+        assert_eq!(store.quoted_table(), "\"idempotency_records\"");
         let store = store
             .with_table("Orders_1")
             .unwrap_or_else(|e| panic!("{e:?}"));
-        assert_eq!(store.table(), "\"Orders_1\"");
+        assert_eq!(store.quoted_table(), "\"Orders_1\"");
         assert!(store.sql.begin.starts_with("INSERT INTO \"Orders_1\""));
         assert!(store.clone().with_table(&"x".repeat(64)).is_ok());
         for bad in ["", "1a", "a\"b", "a.b", &"x".repeat(65)] {
             match store.clone().with_table(bad) {
                 Err(StoreError::Backend(err)) => {
-                    assert!(err.downcast_ref::<InvalidIdentifier>().is_some(), "{bad:?}")
+                    assert!(
+                        err.downcast_ref::<crate::store::InvalidIdentifier>()
+                            .is_some(),
+                        "{bad:?}"
+                    )
                 }
                 other => panic!("{bad:?}: {other:?}"),
             }
