@@ -19,15 +19,15 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::body::Body;
 use axum::http::StatusCode;
 use common::proxy::{self, Proxy, Tap};
-use common::{Counter, call_post, post_req, problem, send};
+use common::scenarios::{self, fp};
+use common::{Counter, call_post};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use tower_idempotency::store::mysql::{Flavor, MySqlPool, MySqlStore};
 use tower_idempotency::store::{InvalidIdentifier, LockToken, StoreKey};
 use tower_idempotency::test_util::{FaultyStore, Op, random_key, sample_record};
-use tower_idempotency::{Begin, Fingerprint, IdempotencyLayer, Store, StoreError};
+use tower_idempotency::{Begin, IdempotencyLayer, Store, StoreError};
 
 fn mysql_url() -> Option<String> {
     common::backend(common::MYSQL)
@@ -141,10 +141,6 @@ mod conformance_without_returning {
     tower_idempotency::store_conformance_tests!(super::without_returning);
 }
 
-fn fp(n: u8) -> Fingerprint {
-    Fingerprint::from_bytes([n; 32])
-}
-
 async fn acquire(store: &MySqlStore, key: &StoreKey) -> LockToken {
     match store
         .begin(key, &fp(1), Duration::from_secs(30))
@@ -233,6 +229,8 @@ async fn a_corrupt_record_is_reported_not_replayed() {
 /// while the others' statements run, in both flavors: exactly one
 /// acquires, the others see the winner's lock, and InnoDB's deadlock
 /// victims (if any) are run again, not reported.
+/// In both flavors; InnoDB's deadlock victims (if any) are run again, not
+/// reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn begin_is_exclusive_under_takeover_races() {
     let Some(url) = mysql_url() else { return };
@@ -241,42 +239,10 @@ async fn begin_is_exclusive_under_takeover_races() {
         .connect_with(connect_options(&url))
         .await
         .unwrap();
-    let detected = store_on(pool).await;
+    let detected = store_on(pool).await.with_timeout(Duration::from_secs(5));
     let forced = detected.clone().with_flavor(Flavor::MySql);
-    for round in 0..20 {
-        let store = if round % 4 < 2 { &detected } else { &forced };
-        let key = random_key();
-        if round % 2 == 1 {
-            // An expired record to take over.
-            let token = acquire(store, &key).await;
-            let record = sample_record(fp(200), 8);
-            let ttl = Duration::from_millis(1);
-            assert!(store.complete(&key, &token, &record, ttl).await.unwrap());
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let mut tasks = Vec::new();
-        for n in 0..32u8 {
-            let store = store.clone().with_timeout(Duration::from_secs(5));
-            tasks.push(tokio::spawn(async move {
-                let outcome = store.begin(&key, &fp(n), Duration::from_secs(30)).await;
-                (n, outcome.unwrap())
-            }));
-        }
-        let mut winner = None;
-        let mut seen = Vec::new();
-        for task in tasks {
-            match task.await.unwrap() {
-                (n, Begin::Acquired(_)) => {
-                    assert!(winner.is_none(), "two winners in round {round}");
-                    winner = Some(fp(n));
-                }
-                (_, Begin::InFlight { fingerprint }) => seen.push(fingerprint),
-                (_, other) => panic!("round {round}: {other:?}"),
-            }
-        }
-        let winner = winner.unwrap();
-        assert!(seen.iter().all(|f| *f == Some(winner)), "round {round}");
-    }
+    let stores: [Arc<dyn Store>; 2] = [Arc::new(detected.clone()), Arc::new(forced)];
+    scenarios::begin_is_exclusive_under_takeover_races(|round| stores[round / 2 % 2].clone()).await;
     drop_table(&detected).await;
 }
 
@@ -294,46 +260,7 @@ async fn two_layer_instances_share_one_table() {
         common::router(counter.clone()).layer(IdempotencyLayer::new(first.clone())),
         common::router(counter.clone()).layer(IdempotencyLayer::new(second)),
     ];
-
-    let mut tasks = Vec::new();
-    for i in 0..100 {
-        let app = apps[i % 2].clone();
-        tasks.push(tokio::spawn(async move {
-            let req = post_req(Some("shared-key"))
-                .header("x-delay-ms", "200")
-                .body(Body::from("{\"item\":\"book\"}"))
-                .unwrap();
-            send(&app, req).await
-        }));
-    }
-    let (mut first_runs, mut replays, mut conflicts) = (0, 0, 0);
-    for task in tasks {
-        let (status, headers, body) = task.await.unwrap();
-        match status {
-            StatusCode::CREATED if headers.get("idempotent-replayed").is_some() => {
-                assert_eq!(headers["idempotent-replayed"], "true");
-                assert_eq!(headers["x-execution"], "1");
-                assert_eq!(body, "{\"item\":\"book\"}");
-                replays += 1;
-            }
-            StatusCode::CREATED => first_runs += 1,
-            StatusCode::CONFLICT => {
-                problem(status, &headers, &body);
-                conflicts += 1;
-            }
-            other => panic!("unexpected {other}: {body:?}"),
-        }
-    }
-    assert_eq!(counter.get(), 1, "the handler ran more than once");
-    assert_eq!(first_runs, 1);
-    assert_eq!(first_runs + replays + conflicts, 100);
-
-    for app in &apps {
-        let (status, headers, _) = call_post(app, Some("shared-key"), "{\"item\":\"book\"}").await;
-        assert_eq!(status, StatusCode::CREATED);
-        assert_eq!(headers["idempotent-replayed"], "true");
-    }
-    assert_eq!(counter.get(), 1);
+    scenarios::hundred_duplicates_on_two_instances(apps, &counter).await;
     drop_table(&first).await;
 }
 
@@ -414,41 +341,7 @@ async fn an_outage_answers_503_in_bound_and_recovers() {
     let store = same_table(&direct, through);
     let counter = Counter::default();
     let app = common::router(counter.clone()).layer(IdempotencyLayer::new(store));
-
-    let (status, _, _) = call_post(&app, Some("before"), "{}").await;
-    assert_eq!(status, StatusCode::CREATED);
-
-    let (addr, upstream) = proxy.stop().await;
-    for n in 0..3 {
-        let start = Instant::now();
-        let (status, headers, body) = call_post(&app, Some(&format!("during-{n}")), "{}").await;
-        let elapsed = start.elapsed();
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body:?}");
-        problem(status, &headers, &body);
-        assert!(headers.contains_key("retry-after"));
-        assert!(elapsed < Duration::from_millis(2500), "took {elapsed:?}");
-    }
-    assert_eq!(counter.get(), 1, "no handler ran during the outage");
-
-    // Back on the same port: the same store recovers by itself.
-    let proxy = Proxy::start(addr, upstream, None).await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut n = 0;
-    loop {
-        n += 1;
-        let (status, _, _) = call_post(&app, Some(&format!("after-{n}")), "{}").await;
-        if status == StatusCode::CREATED {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no recovery, last answer {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let (status, headers, _) = call_post(&app, Some("before"), "{}").await;
-    assert_eq!(status, StatusCode::CREATED);
-    assert_eq!(headers["idempotent-replayed"], "true");
+    let proxy = scenarios::outage_answers_503_in_bound_and_recovers(&app, &counter, proxy).await;
     proxy.stop().await;
     drop_table(&direct).await;
 }
@@ -456,34 +349,17 @@ async fn an_outage_answers_503_in_bound_and_recovers() {
 #[tokio::test]
 async fn an_unreachable_server_answers_503_in_bound() {
     let Some(url) = mysql_url() else { return };
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
     // The pool's own acquire timeout is the default 30 s: the store's bound
     // is what answers.
-    let pool = MySqlPoolOptions::new()
-        .connect_lazy_with(connect_options(&url).host("127.0.0.1").port(port));
+    let pool = MySqlPoolOptions::new().connect_lazy_with(
+        connect_options(&url)
+            .host("127.0.0.1")
+            .port(scenarios::closed_port()),
+    );
     let store = MySqlStore::new(pool)
         .with_flavor(Flavor::MariaDb)
         .with_timeout(Duration::from_millis(500));
-    let start = Instant::now();
-    let err = store
-        .begin(&random_key(), &fp(1), Duration::from_secs(30))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, StoreError::Timeout(_) | StoreError::Unavailable(_)),
-        "{err:?}"
-    );
-    assert!(start.elapsed() < Duration::from_millis(1500));
-
-    let app = common::router(Counter::default()).layer(IdempotencyLayer::new(store));
-    let start = Instant::now();
-    let (status, headers, body) = call_post(&app, Some("k"), "{}").await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    problem(status, &headers, &body);
-    assert!(start.elapsed() < Duration::from_millis(2500));
+    scenarios::unreachable_answers_503_in_bound(Arc::new(store)).await;
 }
 
 /// A `begin` cut off by its timeout while its statement waits on a row lock

@@ -17,14 +17,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::body::Body;
 use axum::http::StatusCode;
 use common::proxy::{self, Proxy, Tap};
-use common::{Counter, call_post, post_req, problem, send};
+use common::scenarios::{self, fp};
+use common::{Counter, call_post};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use tower_idempotency::store::postgres::{InvalidIdentifier, PgPool, PostgresStore};
 use tower_idempotency::test_util::{FaultyStore, Op, random_key, sample_record};
-use tower_idempotency::{Begin, Fingerprint, IdempotencyLayer, Store, StoreError};
+use tower_idempotency::{Begin, IdempotencyLayer, Store, StoreError};
 
 /// Every test table lives here, named `t_<unix seconds>_<random>`.
 const SCHEMA: &str = "tower_idempotency_test";
@@ -131,10 +131,6 @@ async fn same_table(store: &PostgresStore, pool: PgPool) -> PostgresStore {
         .unwrap()
         .with_table(table)
         .unwrap()
-}
-
-fn fp(n: u8) -> Fingerprint {
-    Fingerprint::from_bytes([n; 32])
 }
 
 async fn acquire(
@@ -308,39 +304,8 @@ async fn begin_is_exclusive_under_takeover_races() {
             .unwrap(),
     )
     .await;
-    for round in 0..20 {
-        let key = random_key();
-        if round % 2 == 1 {
-            // An expired record to take over.
-            let token = acquire(&store, &key).await;
-            let record = sample_record(fp(200), 8);
-            let ttl = Duration::from_millis(1);
-            assert!(store.complete(&key, &token, &record, ttl).await.unwrap());
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let mut tasks = Vec::new();
-        for n in 0..32u8 {
-            let store = store.clone();
-            tasks.push(tokio::spawn(async move {
-                let outcome = store.begin(&key, &fp(n), Duration::from_secs(30)).await;
-                (n, outcome.unwrap())
-            }));
-        }
-        let mut winner = None;
-        let mut seen = Vec::new();
-        for task in tasks {
-            match task.await.unwrap() {
-                (n, Begin::Acquired(_)) => {
-                    assert!(winner.is_none(), "two winners in round {round}");
-                    winner = Some(fp(n));
-                }
-                (_, Begin::InFlight { fingerprint }) => seen.push(fingerprint),
-                (_, other) => panic!("round {round}: {other:?}"),
-            }
-        }
-        let winner = winner.unwrap();
-        assert!(seen.iter().all(|f| *f == Some(winner)), "round {round}");
-    }
+    let shared: Arc<dyn Store> = Arc::new(store.clone());
+    scenarios::begin_is_exclusive_under_takeover_races(|_| shared.clone()).await;
     drop_table(&store).await;
 }
 
@@ -356,47 +321,7 @@ async fn two_layer_instances_share_one_table() {
         common::router(counter.clone()).layer(IdempotencyLayer::new(first.clone())),
         common::router(counter.clone()).layer(IdempotencyLayer::new(second)),
     ];
-
-    let mut tasks = Vec::new();
-    for i in 0..100 {
-        let app = apps[i % 2].clone();
-        tasks.push(tokio::spawn(async move {
-            let req = post_req(Some("shared-key"))
-                .header("x-delay-ms", "200")
-                .body(Body::from("{\"item\":\"book\"}"))
-                .unwrap();
-            send(&app, req).await
-        }));
-    }
-    let (mut first_runs, mut replays, mut conflicts) = (0, 0, 0);
-    for task in tasks {
-        let (status, headers, body) = task.await.unwrap();
-        match status {
-            StatusCode::CREATED if headers.get("idempotent-replayed").is_some() => {
-                assert_eq!(headers["idempotent-replayed"], "true");
-                assert_eq!(headers["x-execution"], "1");
-                assert_eq!(body, "{\"item\":\"book\"}");
-                replays += 1;
-            }
-            StatusCode::CREATED => first_runs += 1,
-            StatusCode::CONFLICT => {
-                problem(status, &headers, &body);
-                conflicts += 1;
-            }
-            other => panic!("unexpected {other}: {body:?}"),
-        }
-    }
-    assert_eq!(counter.get(), 1, "the handler ran more than once");
-    assert_eq!(first_runs, 1);
-    assert_eq!(first_runs + replays + conflicts, 100);
-
-    // Afterwards, either instance replays.
-    for app in &apps {
-        let (status, headers, _) = call_post(app, Some("shared-key"), "{\"item\":\"book\"}").await;
-        assert_eq!(status, StatusCode::CREATED);
-        assert_eq!(headers["idempotent-replayed"], "true");
-    }
-    assert_eq!(counter.get(), 1);
+    scenarios::hundred_duplicates_on_two_instances(apps, &counter).await;
     drop_table(&first).await;
 }
 
@@ -524,42 +449,7 @@ async fn an_outage_answers_503_in_bound_and_recovers() {
     let store = same_table(&direct, through).await;
     let counter = Counter::default();
     let app = common::router(counter.clone()).layer(IdempotencyLayer::new(store));
-
-    let (status, _, _) = call_post(&app, Some("before"), "{}").await;
-    assert_eq!(status, StatusCode::CREATED);
-
-    let (addr, upstream) = proxy.stop().await;
-    for n in 0..3 {
-        let start = Instant::now();
-        let (status, headers, body) = call_post(&app, Some(&format!("during-{n}")), "{}").await;
-        let elapsed = start.elapsed();
-        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body:?}");
-        problem(status, &headers, &body);
-        assert!(headers.contains_key("retry-after"));
-        assert!(elapsed < Duration::from_millis(2500), "took {elapsed:?}");
-    }
-    assert_eq!(counter.get(), 1, "no handler ran during the outage");
-
-    // Back on the same port: the same store recovers by itself.
-    let proxy = Proxy::start(addr, upstream, None).await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut n = 0;
-    loop {
-        n += 1;
-        let (status, _, _) = call_post(&app, Some(&format!("after-{n}")), "{}").await;
-        if status == StatusCode::CREATED {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no recovery, last answer {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // And a replay of the request made before the outage.
-    let (status, headers, _) = call_post(&app, Some("before"), "{}").await;
-    assert_eq!(status, StatusCode::CREATED);
-    assert_eq!(headers["idempotent-replayed"], "true");
+    let proxy = scenarios::outage_answers_503_in_bound_and_recovers(&app, &counter, proxy).await;
     proxy.stop().await;
     drop_table(&direct).await;
 }
@@ -567,37 +457,15 @@ async fn an_outage_answers_503_in_bound_and_recovers() {
 #[tokio::test]
 async fn an_unreachable_server_answers_503_in_bound() {
     let Some(url) = database_url() else { return };
-    // A port nobody listens on.
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
     // The pool's own acquire timeout is the default 30 s: the store's bound
     // is what answers.
-    let pool =
-        PgPoolOptions::new().connect_lazy_with(connect_options(&url).host("127.0.0.1").port(port));
+    let pool = PgPoolOptions::new().connect_lazy_with(
+        connect_options(&url)
+            .host("127.0.0.1")
+            .port(scenarios::closed_port()),
+    );
     let store = PostgresStore::new(pool).with_timeout(Duration::from_millis(500));
-    let start = Instant::now();
-    let err = store
-        .begin(&random_key(), &fp(1), Duration::from_secs(30))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, StoreError::Timeout(_) | StoreError::Unavailable(_)),
-        "{err:?}"
-    );
-    assert!(start.elapsed() < Duration::from_millis(1500));
-
-    let app = common::router(Counter::default()).layer(IdempotencyLayer::new(store));
-    let start = Instant::now();
-    let (status, headers, body) = call_post(&app, Some("k"), "{}").await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    problem(status, &headers, &body);
-    assert!(
-        start.elapsed() < Duration::from_millis(2500),
-        "{:?}",
-        start.elapsed()
-    );
+    scenarios::unreachable_answers_503_in_bound(Arc::new(store)).await;
 }
 
 // Expiry.

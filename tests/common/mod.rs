@@ -2,6 +2,8 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 pub mod proxy;
+#[cfg(feature = "test-util")]
+pub mod scenarios;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
