@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use common::proxy::{self, Proxy, Tap};
@@ -47,14 +47,8 @@ async fn connect(url: &str) -> MySqlPool {
         .unwrap()
 }
 
-/// `tidem_<unix seconds>_<random>`: every test table has this shape.
 fn unique_table() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    format!("tidem_{secs}_{}", &id[..16])
+    common::unique_table("tidem")
 }
 
 /// Drops test tables left behind more than ten minutes ago (by runs that
@@ -65,10 +59,6 @@ async fn drop_stale_tables(pool: &MySqlPool) {
     if DONE.swap(true, Ordering::SeqCst) {
         return;
     }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
     let names: Vec<String> = sqlx::query_scalar(
         "SELECT CAST(table_name AS CHAR) FROM information_schema.tables \
          WHERE table_schema = DATABASE() AND table_name LIKE 'tidem\\_%'",
@@ -77,8 +67,7 @@ async fn drop_stale_tables(pool: &MySqlPool) {
     .await
     .unwrap();
     for name in names {
-        let made: Option<u64> = name.split('_').nth(1).and_then(|s| s.parse().ok());
-        if made.is_some_and(|made| made + 600 < now) {
+        if common::is_stale(&name) {
             let _ = sqlx::query(&format!("DROP TABLE IF EXISTS `{name}`"))
                 .execute(pool)
                 .await;

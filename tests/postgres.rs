@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use common::proxy::{self, Proxy, Tap};
@@ -42,12 +42,7 @@ async fn connect(url: &str) -> PgPool {
 }
 
 fn unique_table() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    format!("t_{secs}_{}", &id[..16])
+    common::unique_table("t")
 }
 
 /// Drops test tables left behind more than ten minutes ago (by runs that
@@ -58,10 +53,6 @@ async fn drop_stale_tables(pool: &PgPool) {
     if DONE.swap(true, Ordering::SeqCst) {
         return;
     }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
     let names: Vec<String> = sqlx::query_scalar(
         "SELECT tablename::text FROM pg_tables WHERE schemaname = $1 AND tablename LIKE 't\\_%'",
     )
@@ -70,8 +61,7 @@ async fn drop_stale_tables(pool: &PgPool) {
     .await
     .unwrap();
     for name in names {
-        let made: Option<u64> = name.split('_').nth(1).and_then(|s| s.parse().ok());
-        if made.is_some_and(|made| made + 600 < now) {
+        if common::is_stale(&name) {
             let _ = sqlx::query(&format!("DROP TABLE IF EXISTS \"{SCHEMA}\".\"{name}\""))
                 .execute(pool)
                 .await;

@@ -383,3 +383,25 @@ pub async fn example_bin(name: &'static str) -> std::path::PathBuf {
     built.lock().unwrap().insert(name, bin.clone());
     bin
 }
+
+/// `<prefix>_<unix seconds>_<random>`: a test table of its own, whose name
+/// says when it was made.
+pub fn unique_table(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}_{}_{}", unix_secs(), &id[..16])
+}
+
+/// Whether a table named by [`unique_table`] was made more than ten
+/// minutes ago: left behind by an interrupted run, or by the conformance
+/// checks, which cannot clean up after themselves.
+pub fn is_stale(table: &str) -> bool {
+    let made: Option<u64> = table.split('_').nth(1).and_then(|s| s.parse().ok());
+    made.is_some_and(|made| made + 600 < unix_secs())
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
