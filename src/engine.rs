@@ -63,7 +63,10 @@ pub enum StoreErrorPolicy {
     /// The default.
     FailClosed,
     /// Run the handler without idempotency: availability over exactly-once.
-    /// A retry during the outage may run twice.
+    /// A retry during the outage may run twice. A record the store holds
+    /// but cannot read ([`StoreError::Corrupt`](crate::store::StoreError::Corrupt),
+    /// [`StoreError::Undecodable`](crate::store::StoreError::Undecodable))
+    /// still fails closed: the request it records has run.
     FailOpen,
 }
 
@@ -232,9 +235,15 @@ impl Engine {
                 }
                 Err(e) => {
                     log_store_error("begin", key, &e);
+                    // A record that exists but cannot be read (corrupt,
+                    // tampered with, sealed under an unknown key) is never
+                    // taken for a missing one, whatever the policy: that
+                    // would run the request again.
+                    let unreadable =
+                        matches!(e, StoreError::Corrupt(_) | StoreError::Undecodable(_));
                     return match self.settings.on_store_error {
-                        StoreErrorPolicy::FailClosed => Acquired::Failed(e),
-                        StoreErrorPolicy::FailOpen => Acquired::FailOpen,
+                        StoreErrorPolicy::FailOpen if !unreadable => Acquired::FailOpen,
+                        _ => Acquired::Failed(e),
                     };
                 }
             }

@@ -486,7 +486,7 @@ pub struct DecodeError {
 }
 
 impl DecodeError {
-    fn new(reason: &'static str) -> Self {
+    pub(crate) fn new(reason: &'static str) -> Self {
         Self { reason }
     }
 }

@@ -375,6 +375,9 @@ pub enum Fault {
     Delay(Duration),
     /// Never answer.
     Hang,
+    /// Fail with [`StoreError::Corrupt`]: a record that exists but does
+    /// not decode.
+    Corrupt,
 }
 
 #[derive(Debug, Default)]
@@ -452,6 +455,9 @@ impl<S: Store> FaultyStore<S> {
                 Ok(())
             }
             Some(Fault::Hang) => std::future::pending().await,
+            Some(Fault::Corrupt) => Err(StoreError::Corrupt(crate::record::DecodeError::new(
+                "injected corruption",
+            ))),
         }
     }
 }

@@ -741,6 +741,29 @@ async fn store_failure_is_503_or_fails_open() {
     assert_eq!(counter.get(), 1);
 }
 
+/// Failing open is for a store that cannot answer; a store that answers
+/// with a record it cannot read has seen the request run, so even
+/// `FailOpen` answers 503 and the handler does not run again.
+#[tokio::test]
+async fn an_unreadable_record_fails_closed_even_when_failing_open() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    store.inject(Op::Begin, Fault::Corrupt, 1);
+    let (app, counter) = app_with(
+        IdempotencyLayer::from_arc(store.clone())
+            .with_store_error_policy(StoreErrorPolicy::FailOpen),
+    );
+    let (status, headers, body) = call_post(&app, Some("k"), "{}").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    problem(status, &headers, &body);
+    assert_eq!(counter.get(), 0, "the handler ran on an unreadable record");
+    // The next call reads the store normally again.
+    assert_eq!(
+        call_post(&app, Some("k"), "{}").await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(counter.get(), 1);
+}
+
 #[tokio::test]
 async fn hung_store_is_bounded_by_the_timeout() {
     let store = Arc::new(FaultyStore::new(MemoryStore::new()));
