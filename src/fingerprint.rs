@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use http::{HeaderMap, HeaderName, Method, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use sha2::{Digest, Sha256};
 
 /// The SHA-256 fingerprint of a request.
@@ -168,6 +168,19 @@ impl FingerprintConfig {
     /// Starts a fingerprint over the request head; feed the body with
     /// [`Fingerprinter::update`].
     pub(crate) fn start(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Fingerprinter {
+        self.start_bound(method, uri, headers, std::iter::empty())
+    }
+
+    /// [`start`](Self::start), bound to `credentials` too: each value is a
+    /// field of the fingerprint, so the same request under other
+    /// credentials has another fingerprint.
+    pub(crate) fn start_bound<'a>(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        credentials: impl Iterator<Item = &'a HeaderValue>,
+    ) -> Fingerprinter {
         let mut f = Fingerprinter::new();
         if self.method {
             f.field(b'm', method.as_str().as_bytes());
@@ -185,6 +198,9 @@ impl FingerprintConfig {
             for value in headers.get_all(name) {
                 f.field(b'v', value.as_bytes());
             }
+        }
+        for value in credentials {
+            f.field(b'a', value.as_bytes());
         }
         f.hasher.update([b'b']);
         f

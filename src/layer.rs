@@ -3,8 +3,10 @@
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use http::header::AUTHORIZATION;
 use http::request::Parts;
 use http::{HeaderName, Method, StatusCode};
 use sha2::{Digest, Sha256};
@@ -61,6 +63,11 @@ pub(crate) struct Config {
     pub(crate) max_request_body: usize,
     pub(crate) max_response_body: usize,
     pub(crate) scope: Option<Arc<ScopeFn>>,
+    /// Whether a request without a scope has its `Authorization` in its
+    /// fingerprint (default: yes).
+    pub(crate) bind_credentials: bool,
+    /// Set once the warning about credentials without a scope is logged.
+    pub(crate) warned_unscoped: Arc<std::sync::atomic::AtomicBool>,
     pub(crate) fingerprint: FingerprintConfig,
     pub(crate) record_if: Arc<RecordIfFn>,
     pub(crate) replayed_header: Option<HeaderName>,
@@ -79,6 +86,8 @@ impl Default for Config {
             max_request_body: 1024 * 1024,
             max_response_body: 4 * 1024 * 1024,
             scope: None,
+            bind_credentials: true,
+            warned_unscoped: Arc::default(),
             fingerprint: FingerprintConfig::default(),
             record_if: Arc::new(default_record_if),
             replayed_header: Some(IDEMPOTENT_REPLAYED),
@@ -94,20 +103,47 @@ impl Config {
         self.methods.iter().any(|m| m == method)
     }
 
-    /// SHA-256 of the scope and the key: what the store files under.
-    pub(crate) fn store_key(&self, parts: &Parts, key: &IdempotencyKey) -> StoreKey {
+    /// SHA-256 of the scope and the key: what the store files under; and
+    /// whether the request had a scope.
+    pub(crate) fn store_key(&self, parts: &Parts, key: &IdempotencyKey) -> (StoreKey, bool) {
         let mut h = Sha256::new();
         h.update(b"tower-idempotency/key/v1\0");
-        match self.scope.as_ref().and_then(|f| f(parts)) {
+        let scoped = match self.scope.as_ref().and_then(|f| f(parts)) {
             Some(scope) => {
                 h.update([1]);
                 h.update((scope.len() as u64).to_be_bytes());
                 h.update(scope.as_bytes());
+                true
             }
-            None => h.update([0]),
-        }
+            None => {
+                h.update([0]);
+                false
+            }
+        };
         h.update(key.as_str().as_bytes());
-        StoreKey::from_bytes(h.finalize().into())
+        (StoreKey::from_bytes(h.finalize().into()), scoped)
+    }
+
+    /// The request's credentials to bind into its fingerprint: its
+    /// `Authorization` values, when it has no scope and binding is on.
+    /// Logs, once per layer, that credentials arrive without a scope.
+    pub(crate) fn credentials<'a>(
+        &self,
+        parts: &'a Parts,
+        scoped: bool,
+    ) -> Option<http::header::GetAll<'a, http::HeaderValue>> {
+        if scoped || !self.bind_credentials || !parts.headers.contains_key(AUTHORIZATION) {
+            return None;
+        }
+        if !self.warned_unscoped.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "idempotency: covered requests carry credentials (Authorization) and no scope is set; \
+                 each record is bound to the exact credential, so a caller with another credential \
+                 gets 422, and so does the same caller after its token is refreshed. \
+                 Scope keys by principal with IdempotencyLayer::with_principal_scope"
+            );
+        }
+        Some(parts.headers.get_all(AUTHORIZATION))
     }
 }
 
@@ -127,7 +163,8 @@ impl Config {
 /// | [`with_lease`](Self::with_lease) | 30 seconds, renewed while the handler runs |
 /// | [`with_max_request_body`](Self::with_max_request_body) | 1 MiB (413 above) |
 /// | [`with_max_response_body`](Self::with_max_response_body) | 4 MiB (a tombstone above) |
-/// | [`with_scope`](Self::with_scope) | none: keys are global |
+/// | [`with_scope`](Self::with_scope), [`with_principal_scope`](Self::with_principal_scope) | none: keys are global |
+/// | [`with_credential_binding`](Self::with_credential_binding) | on: an unscoped request's `Authorization` is part of its fingerprint |
 /// | [`with_fingerprint`](Self::with_fingerprint) | method, path and query, body |
 /// | [`with_in_flight`](Self::with_in_flight) | [`InFlightPolicy::Reject`] (409) |
 /// | [`with_store_error_policy`](Self::with_store_error_policy) | [`StoreErrorPolicy::FailClosed`] (503) |
@@ -166,6 +203,7 @@ impl<M> fmt::Debug for IdempotencyLayer<M> {
             .field("max_request_body", &c.max_request_body)
             .field("max_response_body", &c.max_response_body)
             .field("scoped", &c.scope.is_some())
+            .field("bind_credentials", &c.bind_credentials)
             .field("in_flight", &e.in_flight)
             .field("on_store_error", &e.on_store_error)
             .finish_non_exhaustive()
@@ -302,6 +340,58 @@ impl<M> IdempotencyLayer<M> {
         self.config(|c| c.scope = Some(Arc::new(scope)))
     }
 
+    /// Scopes keys by the authenticated principal: the value of type `P`
+    /// that an authentication layer in front put in the request
+    /// extensions (a user or account id of the application's own type).
+    /// Two principals then never share a record, and one principal keeps
+    /// its records across token refreshes.
+    ///
+    /// A request without a `P` (not authenticated) has no scope: its
+    /// `Authorization`, if any, is bound into its fingerprint instead (see
+    /// [`with_credential_binding`](Self::with_credential_binding)).
+    ///
+    /// ```
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// /// What the application's auth middleware inserts.
+    /// #[derive(Clone)]
+    /// struct UserId(u64);
+    ///
+    /// impl std::fmt::Display for UserId {
+    ///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    ///         write!(f, "user:{}", self.0)
+    ///     }
+    /// }
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).with_principal_scope::<UserId>();
+    /// # let _ = layer;
+    /// ```
+    pub fn with_principal_scope<P>(self) -> Self
+    where
+        P: fmt::Display + Send + Sync + 'static,
+    {
+        self.with_scope(|parts| parts.extensions.get::<P>().map(ToString::to_string))
+    }
+
+    /// Whether a request that has no scope is bound to its credentials
+    /// (default: on).
+    ///
+    /// With no scope the key space is global: without binding, a caller
+    /// who sends another caller's key and body would get that caller's
+    /// recorded response. Bound, every `Authorization` value is part of the
+    /// request's fingerprint, so another credential gets `422` (the key is
+    /// in use for another request) and never the response. The price: a
+    /// retry whose token was refreshed in between also gets `422`. Scope
+    /// keys by principal ([`with_principal_scope`](Self::with_principal_scope))
+    /// to keep a principal's records across token refreshes; the binding
+    /// then applies only to requests without a principal.
+    ///
+    /// Turn it off only when no response can be private, or when every
+    /// key is unguessable and never shared.
+    pub fn with_credential_binding(self, on: bool) -> Self {
+        self.config(|c| c.bind_credentials = on)
+    }
+
     /// What the fingerprint covers (default: method, path and query, body).
     pub fn with_fingerprint(self, fingerprint: FingerprintConfig) -> Self {
         self.config(|c| c.fingerprint = fingerprint)
@@ -406,11 +496,11 @@ mod tests {
                 .into_parts()
                 .0
         };
-        let a = scoped.shared.config.store_key(&req("a"), &key);
-        let b = scoped.shared.config.store_key(&req("b"), &key);
+        let a = scoped.shared.config.store_key(&req("a"), &key).0;
+        let b = scoped.shared.config.store_key(&req("b"), &key).0;
         assert_ne!(a, b);
-        assert_eq!(a, scoped.shared.config.store_key(&req("a"), &key));
+        assert_eq!(a, scoped.shared.config.store_key(&req("a"), &key).0);
         let unscoped = IdempotencyLayer::new(crate::MemoryStore::new());
-        assert_ne!(a, unscoped.shared.config.store_key(&req("a"), &key));
+        assert_ne!(a, unscoped.shared.config.store_key(&req("a"), &key).0);
     }
 }

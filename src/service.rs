@@ -171,11 +171,18 @@ impl Ctx {
         ResBody::Error: Send,
     {
         let (mut parts, body) = req.into_parts();
-        let store_key = self.config.store_key(&parts, &key);
-        let mut fingerprinter =
-            self.config
-                .fingerprint
-                .start(&parts.method, &parts.uri, &parts.headers);
+        let (store_key, scoped) = self.config.store_key(&parts, &key);
+        let credentials = self
+            .config
+            .credentials(&parts, scoped)
+            .into_iter()
+            .flatten();
+        let mut fingerprinter = self.config.fingerprint.start_bound(
+            &parts.method,
+            &parts.uri,
+            &parts.headers,
+            credentials,
+        );
         let covers_body = self.config.fingerprint.covers_body();
         let body = std::pin::pin!(body);
         let bytes = match collect(body, self.config.max_request_body, |chunk| {
