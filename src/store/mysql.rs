@@ -49,10 +49,12 @@
 //!
 //! Times are UTC, from the server's `UTC_TIMESTAMP(6)`: the application's
 //! clock is never used, and the session's time zone does not matter. The
-//! record column holds [`Record::encode`] bytes; a record must fit the
-//! server's `max_allowed_packet` (16 MiB by default on MariaDB 10.11 and 64
-//! MiB on MySQL 8), or its `complete` fails and the layer answers the
-//! request with a tombstone (410 to its retries), never a second execution.
+//! record column holds [`Record::encode`] bytes. A record travels in one
+//! packet, so it must fit the server's `max_allowed_packet` (16 MiB by
+//! default on MariaDB 10.11, 64 MiB on MySQL 8): the layer records at most
+//! [`with_max_response_body`](crate::IdempotencyLayer::with_max_response_body)
+//! (4 MiB by default) and leaves a tombstone for anything larger, so keep
+//! that limit below the packet size if you raise it.
 //!
 //! # Statements per step
 //!
