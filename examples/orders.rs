@@ -14,6 +14,12 @@
 //! records stay in memory. Each SQL store creates its table if missing and
 //! sweeps expired rows every minute.
 //!
+//! With `--features encryption` and `IDEMPOTENCY_RECORD_KEY` set (64 hex
+//! characters, for example from `openssl rand -hex 32`), every record is
+//! sealed with AES-256-GCM before the store sees it: the store holds no
+//! order in plaintext. Set without that feature, the example refuses to
+//! start rather than store plaintext.
+//!
 //! - `POST /orders` with JSON `{"item": string, "qty": integer}` and an
 //!   `Idempotency-Key` header (required): creates an order with a fresh
 //!   UUID and answers 201 with the order as JSON. Retries replay it.
@@ -82,9 +88,34 @@ async fn list_orders(State(app): State<App>) -> Json<Vec<Order>> {
     Json(app.orders.lock().unwrap_or_else(|e| e.into_inner()).clone())
 }
 
-/// The store named by the environment: Redis, a SQL database by the
-/// scheme of `DATABASE_URL`, or memory.
+/// The store named by the environment, sealed when `IDEMPOTENCY_RECORD_KEY`
+/// is set.
 async fn store() -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
+    let store = backend().await?;
+    let Ok(hex) = std::env::var("IDEMPOTENCY_RECORD_KEY") else {
+        return Ok(store);
+    };
+    #[cfg(feature = "encryption")]
+    {
+        use tower_idempotency::store::{RecordKey, SealedStore};
+        let key = RecordKey::from_hex(hex.trim())?;
+        tracing::info!(key_id = %format!("{:08x}", key.id()), "sealing records (AES-256-GCM)");
+        Ok(Arc::new(SealedStore::new(store, key)))
+    }
+    #[cfg(not(feature = "encryption"))]
+    {
+        let _ = (hex, store);
+        Err(
+            "IDEMPOTENCY_RECORD_KEY is set, but this build has no `encryption` feature: \
+             rebuild with --features encryption rather than store records in plaintext"
+                .into(),
+        )
+    }
+}
+
+/// The backend named by the environment: Redis, a SQL database by the
+/// scheme of `DATABASE_URL`, or memory.
+async fn backend() -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
     #[cfg(feature = "redis")]
     if let Ok(url) = std::env::var("REDIS_URL") {
         tracing::info!("using RedisStore");

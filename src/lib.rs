@@ -226,6 +226,9 @@
 //!   sqlx.
 //! - `sqlite`: `SqliteStore`, durable records in one SQLite file for the
 //!   processes of one host, through sqlx (SQLite compiled in).
+//! - `encryption`: `store::SealedStore`, which seals every record with
+//!   AES-256-GCM (a key id for rotation, bound to the store key) around any
+//!   store.
 //! - `metrics`: counters and histograms through the `metrics` facade (see
 //!   [`observe`]).
 //! - `test-util`: the store conformance suite ([`test_util`]) and a
@@ -279,6 +282,7 @@ mod test_helpers;
     feature = "postgres",
     feature = "mysql",
     feature = "sqlite",
+    feature = "encryption",
     feature = "client",
     feature = "json"
 ))]

@@ -77,12 +77,18 @@ impl Orders {
     }
 
     async fn post(&self, key: &str) -> Response {
+        self.post_as(key, None).await
+    }
+
+    /// `POST /orders`, with `Authorization: Bearer <token>` if given.
+    async fn post_as(&self, key: &str, token: Option<&str>) -> Response {
         let body = r#"{"item":"book","qty":1}"#;
+        let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
         request(
             self.port,
             &format!(
                 "POST /orders HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-                 Idempotency-Key: {key}\r\nContent-Type: application/json\r\n\
+                 Idempotency-Key: {key}\r\nContent-Type: application/json\r\n{auth}\
                  Content-Length: {}\r\n\r\n{body}",
                 body.len()
             ),
@@ -218,4 +224,55 @@ async fn orders_on_redis() {
         return;
     };
     one_order_across_instances_and_restarts(vec![("REDIS_URL", url)]).await;
+}
+
+/// Started with `REDIS_URL` and `IDEMPOTENCY_RECORD_KEY`: Redis holds no
+/// order in plaintext, the order still replays, and another caller's
+/// credentials with the same key and body get 422, never the order.
+#[cfg(all(feature = "redis", feature = "encryption"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_sealed_in_redis_keep_no_plaintext_and_no_other_callers_order() {
+    let Some(url) = common::backend(common::REDIS) else {
+        return;
+    };
+    let secret: String = (0..32).map(|i| format!("{:02x}", i * 7 + 3)).collect();
+    let orders = Orders::start(&[
+        ("REDIS_URL", url.clone()),
+        ("IDEMPOTENCY_RECORD_KEY", secret),
+    ])
+    .await;
+    let key = format!("\"{}\"", uuid::Uuid::new_v4());
+    let res = orders.post_as(&key, Some("alice")).await;
+    assert_eq!(res.status, 201, "{}", res.body);
+    let order: serde_json::Value = serde_json::from_str(&res.body).unwrap();
+    let id = order["id"].as_str().unwrap().to_owned();
+
+    let replay = orders.post_as(&key, Some("alice")).await;
+    assert_eq!(replay.status, 201);
+    assert_eq!(replay.headers["idempotent-replayed"], "true");
+    assert_eq!(replay.body, res.body);
+
+    let other = orders.post_as(&key, Some("mallory")).await;
+    assert_eq!(other.status, 422, "{}", other.body);
+    assert!(!other.body.contains(&id), "another caller got the order");
+    assert_eq!(orders.orders().await.len(), 1);
+
+    // Every value under the store's prefix, as bytes: the order's id is in
+    // none of them.
+    let client = tower_idempotency::store::redis::driver::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys = common::scan(&mut conn, "idempotency:").await;
+    assert!(!keys.is_empty(), "no record in Redis");
+    for k in keys {
+        let value: Option<Vec<u8>> = tower_idempotency::store::redis::driver::cmd("GET")
+            .arg(&k)
+            .query_async(&mut conn)
+            .await
+            .unwrap_or(None);
+        let value = value.unwrap_or_default();
+        assert!(
+            !value.windows(id.len()).any(|w| w == id.as_bytes()),
+            "the order is in Redis in plaintext under {k}"
+        );
+    }
 }

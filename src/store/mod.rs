@@ -54,6 +54,9 @@ pub mod postgres_tx;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub mod redis;
+#[cfg(feature = "encryption")]
+#[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
+pub mod sealed;
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 mod sql;
 #[cfg(feature = "sqlite")]
@@ -69,6 +72,9 @@ pub use postgres::PostgresStore;
 pub use postgres_tx::{IdempotentTransaction, TransactionalPostgresStore};
 #[cfg(feature = "redis")]
 pub use redis::RedisStore;
+#[cfg(feature = "encryption")]
+#[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
+pub use sealed::{InvalidRecordKey, RecordKey, SealedStore};
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 #[cfg_attr(
     docsrs,

@@ -321,6 +321,7 @@ pub async fn example_bin(name: &'static str) -> std::path::PathBuf {
             (cfg!(feature = "postgres"), "postgres"),
             (cfg!(feature = "mysql"), "mysql"),
             (cfg!(feature = "sqlite"), "sqlite"),
+            (cfg!(feature = "encryption"), "encryption"),
             (cfg!(feature = "metrics"), "metrics"),
             (cfg!(feature = "client"), "client"),
             (cfg!(feature = "axum"), "axum"),
