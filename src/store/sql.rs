@@ -42,12 +42,13 @@ pub(crate) const BEGIN_ATTEMPTS: usize = 5;
 /// recovered with `downcast_ref`.
 ///
 /// ```
-/// # #[cfg(feature = "postgres")] {
-/// use tower_idempotency::store::StoreError;
-/// use tower_idempotency::store::InvalidIdentifier;
+/// # #[cfg(feature = "postgres")]
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use tower_idempotency::store::{InvalidIdentifier, PostgresStore, StoreError};
 ///
 /// # let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://localhost/app").unwrap();
-/// let store = tower_idempotency::store::PostgresStore::new(pool);
+/// let store = PostgresStore::new(pool);
 /// match store.with_table("orders; DROP TABLE users") {
 ///     Err(StoreError::Backend(err)) => {
 ///         let err = err.downcast_ref::<InvalidIdentifier>().unwrap();
@@ -56,6 +57,8 @@ pub(crate) const BEGIN_ATTEMPTS: usize = 5;
 ///     _ => unreachable!(),
 /// }
 /// # }
+/// # #[cfg(not(feature = "postgres"))]
+/// # fn main() {}
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
