@@ -16,6 +16,7 @@ use crate::body::{KeepBody, WrapBody};
 use crate::engine::{Engine, InFlightPolicy, Settings, StoreErrorPolicy};
 use crate::fingerprint::FingerprintConfig;
 use crate::key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
+use crate::problem::ProblemDocs;
 use crate::service::{Idempotency, Shared};
 use crate::store::{Store, StoreKey};
 
@@ -73,6 +74,7 @@ pub(crate) struct Config {
     pub(crate) replayed_header: Option<HeaderName>,
     pub(crate) excluded_headers: Vec<HeaderName>,
     pub(crate) retry_after: Duration,
+    pub(crate) problems: ProblemDocs,
 }
 
 impl Default for Config {
@@ -93,6 +95,7 @@ impl Default for Config {
             replayed_header: Some(IDEMPOTENT_REPLAYED),
             excluded_headers: Vec::new(),
             retry_after: Duration::from_secs(1),
+            problems: ProblemDocs::default(),
         }
     }
 }
@@ -172,6 +175,7 @@ impl Config {
 /// | [`with_replayed_header`](Self::with_replayed_header) | `Idempotent-Replayed: true` |
 /// | [`with_store_timeout`](Self::with_store_timeout) | 2 seconds per store call |
 /// | [`with_complete_retries`](Self::with_complete_retries) | 8 background retries of a failed record write |
+/// | [`with_problems`](Self::with_problems) | `type` URIs on this crate's docs, no `Link` header |
 /// | [`keep_body_type`](Self::keep_body_type) | off: response bodies are [`ResponseBody`](crate::ResponseBody) ([`WrapBody`]) |
 #[must_use]
 pub struct IdempotencyLayer<M = WrapBody> {
@@ -371,6 +375,26 @@ impl<M> IdempotencyLayer<M> {
         P: fmt::Display + Send + Sync + 'static,
     {
         self.with_scope(|parts| parts.extensions.get::<P>().map(ToString::to_string))
+    }
+
+    /// How the layer writes its problem documents: the base of their
+    /// `type` URIs (default: this crate's documentation) and an optional
+    /// `Link: <…>; rel="describedby"` header pointing at the service's own
+    /// documentation of its idempotency contract.
+    ///
+    /// ```
+    /// use tower_idempotency::problem::ProblemDocs;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).with_problems(
+    ///     ProblemDocs::new()
+    ///         .with_type_base("https://api.example.com/problems/")
+    ///         .with_describedby("https://api.example.com/docs/idempotency".parse().unwrap()),
+    /// );
+    /// # let _ = layer;
+    /// ```
+    pub fn with_problems(self, problems: ProblemDocs) -> Self {
+        self.config(|c| c.problems = problems)
     }
 
     /// Whether a request that has no scope is bound to its credentials

@@ -17,19 +17,88 @@
 //! | 500 | `handler-panicked` | the handler panicked; the lock was released |
 //! | 503 | `store-unavailable` | the store failed or timed out (with `Retry-After`) |
 //!
-//! Type URIs are `https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/#` plus
-//! the suffix.
+//! Members of every document:
+//!
+//! | member | value |
+//! |---|---|
+//! | `type` | the type base plus the suffix above; the base is [`TYPE_BASE`] (this crate's documentation) unless [`ProblemDocs::with_type_base`] names the service's own |
+//! | `title` | the same for every occurrence of a type |
+//! | `status` | the HTTP status |
+//! | `detail` | this occurrence explained |
+//! | `instance` | a fresh `urn:uuid:…` per occurrence, also on the layer's log line for it |
+//! | `retryable` | `true` when the same request with the same key may succeed later (409, 503), else `false` |
+//! | `original_status` | 410 only: the status of the response that was not kept |
+//!
+//! With [`ProblemDocs::with_describedby`], every problem response also
+//! carries `Link: <…>; rel="describedby"; type="text/html"`, as the
+//! Idempotency-Key draft suggests, pointing at the service's own
+//! documentation.
 
 use std::fmt;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderValue, Response, StatusCode, Uri, header};
 
 use crate::key::KeyError;
 
 /// The base of every problem `type` URI.
 pub const TYPE_BASE: &str = "https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/#";
+
+/// How the layer writes its problem documents; see
+/// [`IdempotencyLayer::with_problems`](crate::IdempotencyLayer::with_problems).
+#[derive(Debug, Clone)]
+pub struct ProblemDocs {
+    type_base: Arc<str>,
+    describedby: Option<HeaderValue>,
+}
+
+impl Default for ProblemDocs {
+    fn default() -> Self {
+        Self {
+            type_base: Arc::from(TYPE_BASE),
+            describedby: None,
+        }
+    }
+}
+
+impl ProblemDocs {
+    /// `type` URIs under [`TYPE_BASE`], no `Link` header.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The base every `type` URI starts with; the type's suffix (such as
+    /// `key-reused`) follows it directly, so end it with `/` or `#`.
+    #[must_use]
+    pub fn with_type_base(mut self, base: impl Into<String>) -> Self {
+        self.type_base = Arc::from(base.into());
+        self
+    }
+
+    /// Adds `Link: <uri>; rel="describedby"; type="text/html"` to every
+    /// problem response.
+    #[must_use]
+    pub fn with_describedby(mut self, uri: Uri) -> Self {
+        // A `Uri` holds visible ASCII only: always a valid header value.
+        self.describedby =
+            HeaderValue::from_str(&format!("<{uri}>; rel=\"describedby\"; type=\"text/html\""))
+                .ok();
+        self
+    }
+
+    /// The base of the `type` URIs.
+    pub fn type_base(&self) -> &str {
+        &self.type_base
+    }
+}
+
+/// A fresh `urn:uuid:` for a problem's `instance`.
+pub(crate) fn new_instance() -> String {
+    uuid::Uuid::new_v4().urn().to_string()
+}
 
 /// Why the layer answered a request itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,6 +202,12 @@ impl Rejection {
         }
     }
 
+    /// Whether the same request with the same key may succeed later: true
+    /// for 409 (still in flight) and 503 (store unavailable).
+    pub fn retryable(&self) -> bool {
+        matches!(self, Self::InFlight { .. } | Self::StoreUnavailable { .. })
+    }
+
     fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::InFlight { retry_after } | Self::StoreUnavailable { retry_after } => {
@@ -142,17 +217,33 @@ impl Rejection {
         }
     }
 
-    /// The RFC 9457 problem document, as JSON.
+    /// The RFC 9457 problem document, as JSON, with the default
+    /// [`ProblemDocs`] and no `instance`.
     pub fn to_json(&self) -> String {
-        let mut out = String::with_capacity(256);
+        self.to_json_with(&ProblemDocs::default(), None)
+    }
+
+    /// The problem document as JSON, with `docs`' type base and, if given,
+    /// the `instance`.
+    pub fn to_json_with(&self, docs: &ProblemDocs, instance: Option<&str>) -> String {
+        let mut out = String::with_capacity(320);
         out.push_str("{\"type\":");
-        push_json_str(&mut out, &format!("{TYPE_BASE}{}", self.type_suffix()));
+        push_json_str(
+            &mut out,
+            &format!("{}{}", docs.type_base, self.type_suffix()),
+        );
         out.push_str(",\"title\":");
         push_json_str(&mut out, self.title());
         out.push_str(",\"status\":");
         out.push_str(&self.status().as_u16().to_string());
         out.push_str(",\"detail\":");
         push_json_str(&mut out, &self.detail());
+        if let Some(instance) = instance {
+            out.push_str(",\"instance\":");
+            push_json_str(&mut out, instance);
+        }
+        out.push_str(",\"retryable\":");
+        out.push_str(if self.retryable() { "true" } else { "false" });
         if let Self::ResponseNotStored { original_status } = self {
             out.push_str(",\"original_status\":");
             out.push_str(&original_status.as_u16().to_string());
@@ -163,9 +254,16 @@ impl Rejection {
 
     /// The problem response: status, `Content-Type:
     /// application/problem+json`, `Retry-After` where it applies, the JSON
-    /// body, and the rejection itself in the extensions.
+    /// body with a fresh `instance`, and the rejection itself in the
+    /// extensions.
     pub fn to_response(&self) -> Response<Bytes> {
-        let mut res = Response::new(Bytes::from(self.to_json()));
+        self.to_response_with(&ProblemDocs::default(), &new_instance())
+    }
+
+    /// [`to_response`](Self::to_response) with `docs`' type base and `Link`
+    /// header, and the given `instance`.
+    pub fn to_response_with(&self, docs: &ProblemDocs, instance: &str) -> Response<Bytes> {
+        let mut res = Response::new(Bytes::from(self.to_json_with(docs, Some(instance))));
         *res.status_mut() = self.status();
         let headers = res.headers_mut();
         headers.insert(
@@ -179,6 +277,9 @@ impl Rejection {
                 header::RETRY_AFTER,
                 HeaderValue::from(after.as_secs().max(1)),
             );
+        }
+        if let Some(link) = &docs.describedby {
+            headers.insert(header::LINK, link.clone());
         }
         res.extensions_mut().insert(self.clone());
         res
@@ -240,7 +341,35 @@ mod tests {
             assert_eq!(v["title"], r.title());
             assert!(!v["detail"].as_str().unwrap().is_empty());
             assert_eq!(res.extensions().get::<Rejection>(), Some(&r));
+            let retryable = matches!(r.status().as_u16(), 409 | 503);
+            assert_eq!(v["retryable"], retryable, "{r:?}");
+            let instance = v["instance"].as_str().unwrap();
+            assert!(instance.starts_with("urn:uuid:"), "{instance}");
+            assert!(uuid::Uuid::parse_str(&instance[9..]).is_ok());
+            assert!(res.headers().get(header::LINK).is_none());
         }
+    }
+
+    #[test]
+    fn docs_set_the_type_base_and_the_link() {
+        let docs = ProblemDocs::new()
+            .with_type_base("https://api.example.com/problems/")
+            .with_describedby("https://api.example.com/docs/idempotency".parse().unwrap());
+        let res = Rejection::KeyReused.to_response_with(&docs, "urn:uuid:x");
+        let v: serde_json::Value = serde_json::from_slice(res.body()).unwrap();
+        assert_eq!(v["type"], "https://api.example.com/problems/key-reused");
+        assert_eq!(v["instance"], "urn:uuid:x");
+        assert_eq!(v["retryable"], false);
+        assert_eq!(
+            res.headers()[header::LINK],
+            "<https://api.example.com/docs/idempotency>; rel=\"describedby\"; type=\"text/html\""
+        );
+        // Two responses, two instances.
+        let a = Rejection::KeyMissing.to_response();
+        let b = Rejection::KeyMissing.to_response();
+        assert_ne!(a.body(), b.body());
+        // `to_json` stays without an instance.
+        assert!(!Rejection::KeyMissing.to_json().contains("instance"));
     }
 
     #[test]

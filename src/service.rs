@@ -18,7 +18,7 @@ use crate::future::{Detached, ResponseFuture};
 use crate::key::{IdempotencyKey, KeyError, key_from_headers};
 use crate::layer::{Config, Retention};
 use crate::observe::{Outcome, mark};
-use crate::problem::Rejection;
+use crate::problem::{ProblemDocs, Rejection};
 use crate::record::{Record, RecordKind};
 use crate::store::{LockToken, StoreKey};
 
@@ -66,9 +66,23 @@ impl<S, M> Idempotency<S, M> {
     define_inner_service_accessors!();
 }
 
-fn reject<B: Body>(rejection: Rejection, outcome: Outcome) -> Response<ResponseBody<B>> {
+/// The layer's own answer: the problem document, with a fresh `instance`
+/// that the log line carries too, so an operator can find the occurrence a
+/// client reports.
+fn reject<B: Body>(
+    problems: &ProblemDocs,
+    rejection: Rejection,
+    outcome: Outcome,
+) -> Response<ResponseBody<B>> {
+    let instance = crate::problem::new_instance();
+    if matches!(rejection, Rejection::InFlight { .. }) {
+        // Routine under retries: not worth a line each at info.
+        tracing::debug!(instance = %instance, status = rejection.status().as_u16(), problem = rejection.type_suffix(), "idempotency rejection");
+    } else {
+        tracing::info!(instance = %instance, status = rejection.status().as_u16(), problem = rejection.type_suffix(), "idempotency rejection");
+    }
     let res = rejection
-        .to_response()
+        .to_response_with(problems, &instance)
         .map(|body| ResponseBody::full(body, None));
     mark(res, outcome)
 }
@@ -111,11 +125,19 @@ where
             }
             Err(KeyError::Missing) => {
                 tracing::debug!(outcome = "rejected", reason = "key-missing");
-                return ResponseFuture::ready(reject(Rejection::KeyMissing, Outcome::Rejected));
+                return ResponseFuture::ready(reject(
+                    &config.problems,
+                    Rejection::KeyMissing,
+                    Outcome::Rejected,
+                ));
             }
             Err(e) => {
                 tracing::debug!(outcome = "rejected", reason = "key-invalid", error = %e);
-                return ResponseFuture::ready(reject(Rejection::KeyInvalid(e), Outcome::Rejected));
+                return ResponseFuture::ready(reject(
+                    &config.problems,
+                    Rejection::KeyInvalid(e),
+                    Outcome::Rejected,
+                ));
             }
         };
         let declared = req
@@ -125,6 +147,7 @@ where
         if declared.is_some_and(|len| len > config.max_request_body as u64) {
             tracing::debug!(outcome = "rejected", reason = "body-too-large");
             return ResponseFuture::ready(reject(
+                &config.problems,
                 Rejection::BodyTooLarge {
                     limit: config.max_request_body,
                 },
@@ -196,6 +219,7 @@ impl Ctx {
             Collected::TooLarge { .. } => {
                 tracing::debug!(key = %store_key, outcome = "rejected", reason = "body-too-large");
                 return Ok(reject(
+                    &self.config.problems,
                     Rejection::BodyTooLarge {
                         limit: self.config.max_request_body,
                     },
@@ -204,7 +228,11 @@ impl Ctx {
             }
             Collected::Failed { .. } => {
                 tracing::debug!(key = %store_key, outcome = "rejected", reason = "body-unreadable");
-                return Ok(reject(Rejection::BodyUnreadable, Outcome::Rejected));
+                return Ok(reject(
+                    &self.config.problems,
+                    Rejection::BodyUnreadable,
+                    Outcome::Rejected,
+                ));
             }
         };
         let fingerprint = fingerprinter.finish();
@@ -238,12 +266,18 @@ impl Ctx {
         match self.engine.acquire(&key, &fingerprint).await {
             Acquired::Lock(token) => self.execute(inner, req, key, token, fingerprint).await,
             Acquired::Replay(record) => Ok(self.replay(record)),
-            Acquired::Mismatch => Ok(reject(Rejection::KeyReused, Outcome::Mismatch)),
+            Acquired::Mismatch => Ok(reject(
+                &self.config.problems,
+                Rejection::KeyReused,
+                Outcome::Mismatch,
+            )),
             Acquired::InFlight => Ok(reject(
+                &self.config.problems,
                 Rejection::InFlight { retry_after },
                 Outcome::Conflict,
             )),
             Acquired::Failed(_) => Ok(reject(
+                &self.config.problems,
                 Rejection::StoreUnavailable { retry_after },
                 Outcome::StoreError,
             )),
@@ -278,7 +312,11 @@ impl Ctx {
             Executed::Panicked => {
                 tracing::error!(key = %key, outcome = "released", "handler panicked; the key is released");
                 self.engine.release(&key, &token).await;
-                return Ok(reject(Rejection::HandlerPanicked, Outcome::Released));
+                return Ok(reject(
+                    &self.config.problems,
+                    Rejection::HandlerPanicked,
+                    Outcome::Released,
+                ));
             }
             Executed::Done { output: Err(e), .. } => {
                 tracing::debug!(key = %key, outcome = "released", "handler failed; the key is released");
@@ -303,13 +341,47 @@ impl Ctx {
             let res = Response::from_parts(parts, ResponseBody::stream(body));
             return Ok(mark(res, Outcome::Released));
         }
-        let collecting = std::pin::pin!(collect(
-            Box::pin(body),
-            self.config.max_response_body,
-            |_| {}
-        ));
+        // A store that holds records up to a size (DynamoDB's item limit)
+        // lowers the body limit by what the record adds around the body.
+        let store_limit = self.engine.store.capabilities().max_record_size();
+        let body_limit = match store_limit {
+            Some(max) => {
+                let around =
+                    Record::tombstone(fingerprint, parts.status, self.recordable(&parts.headers));
+                max.saturating_sub(around.encode().len())
+                    .min(self.config.max_response_body)
+            }
+            None => self.config.max_response_body,
+        };
+        let collecting = std::pin::pin!(collect(Box::pin(body), body_limit, |_| {}));
         let (collected, _) = self.engine.heartbeat(&key, &token, collecting, None).await;
         match collected {
+            // Trailers, known only now, may still push the record past the
+            // store's limit: a tombstone then, and the client gets the body.
+            Collected::Full { data, trailers }
+                if trailers.is_some()
+                    && store_limit.is_some_and(|max| {
+                        let around = Record::tombstone(
+                            fingerprint,
+                            parts.status,
+                            self.recordable(&parts.headers),
+                        )
+                        .with_trailers(trailers.as_ref().map(fields).unwrap_or_default());
+                        around.encode().len() + data.len() > max
+                    }) =>
+            {
+                let record =
+                    Record::tombstone(fingerprint, parts.status, self.recordable(&parts.headers));
+                if let Some(res) =
+                    self.rolled_back(self.engine.complete(key, token, &record, ttl).await)
+                {
+                    return Ok(res);
+                }
+                tracing::warn!(key = %key, status = parts.status.as_u16(), outcome = "tombstone",
+                    limit = body_limit, "response too large to record; retries get a 410");
+                let res = Response::from_parts(parts, ResponseBody::full(data, trailers));
+                Ok(mark(res, Outcome::Tombstone))
+            }
             Collected::Full { data, trailers } => {
                 // The body goes into the record and comes back out of it
                 // for the client: a store copies what it keeps.
@@ -339,7 +411,7 @@ impl Ctx {
                     return Ok(res);
                 }
                 tracing::warn!(key = %key, status = parts.status.as_u16(), outcome = "tombstone",
-                    limit = self.config.max_response_body, "response too large to record; retries get a 410");
+                    limit = body_limit, "response too large to record; retries get a 410");
                 let res = Response::from_parts(parts, ResponseBody::chain(prefix, rest));
                 Ok(mark(res, Outcome::Tombstone))
             }
@@ -357,6 +429,7 @@ impl Ctx {
     fn rolled_back<B: Body>(&self, completion: Completion) -> Option<Response<ResponseBody<B>>> {
         (completion == Completion::RolledBack).then(|| {
             reject(
+                &self.config.problems,
                 Rejection::StoreUnavailable {
                     retry_after: self.config.retry_after,
                 },
@@ -368,6 +441,7 @@ impl Ctx {
     fn replay<B: Body>(&self, record: Record) -> Response<ResponseBody<B>> {
         let mut res = if record.kind() == RecordKind::Tombstone {
             reject(
+                &self.config.problems,
                 Rejection::ResponseNotStored {
                     original_status: record.status(),
                 },

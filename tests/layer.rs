@@ -1168,3 +1168,70 @@ async fn route_layer_leaves_404_and_405_to_the_router() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(headers["idempotent-replayed"], "true");
 }
+
+/// The service's own problem links: the `type` base and the `Link:
+/// rel="describedby"` header on every rejection, a fresh `instance` per
+/// occurrence, and `retryable` true for 409 and 503 only.
+#[tokio::test]
+async fn problem_documents_link_to_the_services_own_docs() {
+    let docs = tower_idempotency::problem::ProblemDocs::new()
+        .with_type_base("https://api.example.com/problems/")
+        .with_describedby("https://api.example.com/docs/idempotency".parse().unwrap());
+    let (app, counter) = app_with(IdempotencyLayer::new(MemoryStore::new()).with_problems(docs));
+
+    let slow = |body: &'static str| {
+        post_req(Some("k1"))
+            .header("x-delay-ms", "300")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, slow("{}")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (status, headers, body) = send(&app, slow("{}")).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let conflict = problem(status, &headers, &body);
+    assert_eq!(
+        conflict["type"],
+        "https://api.example.com/problems/request-in-flight"
+    );
+    assert_eq!(conflict["retryable"], true);
+    assert_eq!(
+        headers["link"],
+        "<https://api.example.com/docs/idempotency>; rel=\"describedby\"; type=\"text/html\""
+    );
+    assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
+
+    let (status, headers, body) = call_post(&app, Some("k1"), "{\"other\":1}").await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let reused = problem(status, &headers, &body);
+    assert_eq!(
+        reused["type"],
+        "https://api.example.com/problems/key-reused"
+    );
+    assert_eq!(reused["retryable"], false);
+    assert!(headers.contains_key("link"));
+    let (a, b) = (
+        conflict["instance"].as_str().unwrap(),
+        reused["instance"].as_str().unwrap(),
+    );
+    assert!(a.starts_with("urn:uuid:") && b.starts_with("urn:uuid:"));
+    assert_ne!(a, b, "each occurrence has its own instance");
+    assert_eq!(counter.get(), 1);
+
+    // Without the option: this crate's docs, no Link header.
+    let (plain, _) = app_with(IdempotencyLayer::new(MemoryStore::new()));
+    let (status, headers, body) = call_post(&plain, Some("x x"), "{}").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let v = problem(status, &headers, &body);
+    assert!(
+        v["type"]
+            .as_str()
+            .unwrap()
+            .starts_with(tower_idempotency::problem::TYPE_BASE)
+    );
+    assert!(headers.get("link").is_none());
+    assert_eq!(v["retryable"], false);
+}
