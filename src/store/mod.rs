@@ -465,6 +465,7 @@ pub(crate) fn log_store_error(op: &'static str, key: &StoreKey, error: &StoreErr
 pub struct Capabilities {
     transactional: bool,
     in_flight_fingerprint: bool,
+    max_record_size: Option<usize>,
 }
 
 impl Default for Capabilities {
@@ -474,12 +475,13 @@ impl Default for Capabilities {
 }
 
 impl Capabilities {
-    /// The common case: not transactional, and [`Begin::InFlight`] carries
-    /// the holder's fingerprint.
+    /// The common case: not transactional, [`Begin::InFlight`] carries
+    /// the holder's fingerprint, and records of any size are kept.
     pub const fn new() -> Self {
         Self {
             transactional: false,
             in_flight_fingerprint: true,
+            max_record_size: None,
         }
     }
 
@@ -499,6 +501,23 @@ impl Capabilities {
     pub const fn with_in_flight_fingerprint(mut self, yes: bool) -> Self {
         self.in_flight_fingerprint = yes;
         self
+    }
+
+    /// The largest record, in [`Record::encode`] bytes, that
+    /// [`complete`](Store::complete) can keep (DynamoDB's item limit, for
+    /// instance). The HTTP layer records a response whose record would be
+    /// larger as a tombstone, as it does a body past
+    /// [`with_max_response_body`](crate::IdempotencyLayer::with_max_response_body):
+    /// the request is not run twice and retries answer `410 Gone`.
+    pub const fn with_max_record_size(mut self, bytes: usize) -> Self {
+        self.max_record_size = Some(bytes);
+        self
+    }
+
+    /// See [`with_max_record_size`](Self::with_max_record_size); `None`
+    /// when the store sets no limit of its own.
+    pub const fn max_record_size(&self) -> Option<usize> {
+        self.max_record_size
     }
 
     /// See [`with_transactional`](Self::with_transactional).
