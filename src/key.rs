@@ -21,13 +21,19 @@ pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-
 /// A validated idempotency key, as the client sent it (unquoted).
 ///
 /// The layer puts it in the request's extensions, so a handler can derive
-/// keys for its own downstream calls:
+/// keys for its own downstream calls. With the `axum` feature it is an
+/// extractor: `IdempotencyKey` in a handler behind the layer is the
+/// validated key, and `Option<IdempotencyKey>` is `None` when the request
+/// carried none (and the layer does not require one). Used on a route the
+/// layer does not cover, the required form answers `500` and logs an error
+/// naming the mistake, rather than let the handler run without its key.
 ///
 /// ```
-/// use axum::{Extension, http::StatusCode};
+/// use axum::http::StatusCode;
 /// use tower_idempotency::IdempotencyKey;
 ///
-/// async fn create_payment(Extension(key): Extension<IdempotencyKey>) -> StatusCode {
+/// # #[cfg(feature = "axum")]
+/// async fn create_payment(key: IdempotencyKey) -> StatusCode {
 ///     // The same request always sends the provider the same key.
 ///     let provider_key = key.derive("payment-provider");
 ///     assert_eq!(provider_key.len(), 64);
@@ -300,5 +306,79 @@ mod tests {
             parse_key(b"abd", 1, 255).unwrap().derive("stripe")
         );
         assert_eq!(format!("{k:?}"), "IdempotencyKey(<3 chars>)");
+    }
+}
+
+/// The rejection of the [`IdempotencyKey`] extractor on a request the layer
+/// did not handle: a route without `IdempotencyLayer` in front, or a method
+/// it does not cover. It answers `500` (with the explanation in debug
+/// builds) and is logged at `error`: a programming error, not a client one.
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyNotExtracted;
+
+#[cfg(feature = "axum")]
+impl fmt::Display for KeyNotExtracted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "IdempotencyKey extractor used on a request the idempotency layer did not handle: \
+             put IdempotencyLayer on this route (and cover its method), or take Option<IdempotencyKey>",
+        )
+    }
+}
+
+#[cfg(feature = "axum")]
+impl std::error::Error for KeyNotExtracted {}
+
+#[cfg(feature = "axum")]
+impl axum_core::response::IntoResponse for KeyNotExtracted {
+    fn into_response(self) -> axum_core::response::Response {
+        let detail = if cfg!(debug_assertions) {
+            self.to_string()
+        } else {
+            "Internal error".to_owned()
+        };
+        let mut res = axum_core::response::Response::new(axum_core::body::Body::from(detail));
+        *res.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+        res.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        res
+    }
+}
+
+#[cfg(feature = "axum")]
+impl<S: Send + Sync> axum_core::extract::FromRequestParts<S> for IdempotencyKey {
+    type Rejection = KeyNotExtracted;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match parts.extensions.get::<IdempotencyKey>() {
+            Some(key) => Ok(key.clone()),
+            None => {
+                tracing::error!(
+                    method = %parts.method,
+                    path = parts.uri.path(),
+                    "{KeyNotExtracted}"
+                );
+                Err(KeyNotExtracted)
+            }
+        }
+    }
+}
+
+#[cfg(feature = "axum")]
+impl<S: Send + Sync> axum_core::extract::OptionalFromRequestParts<S> for IdempotencyKey {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _state: &S,
+    ) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.get::<IdempotencyKey>().cloned())
     }
 }

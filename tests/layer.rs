@@ -1235,3 +1235,95 @@ async fn problem_documents_link_to_the_services_own_docs() {
     assert!(headers.get("link").is_none());
     assert_eq!(v["retryable"], false);
 }
+
+/// The key as an axum extractor: the validated key behind the layer,
+/// `None` for a request without one, and a 500 naming the mistake on a
+/// route the layer does not cover.
+#[cfg(feature = "axum")]
+#[tokio::test]
+async fn the_key_is_an_extractor() {
+    use tower_idempotency::IdempotencyKey;
+
+    async fn required(key: IdempotencyKey) -> String {
+        key.as_str().to_owned()
+    }
+    async fn optional(key: Option<IdempotencyKey>) -> String {
+        key.map_or_else(|| "none".to_owned(), |k| k.as_str().to_owned())
+    }
+    let layer = IdempotencyLayer::new(MemoryStore::new());
+    let app = Router::new()
+        .route("/required", post(required).route_layer(layer.clone()))
+        .route("/optional", post(optional).route_layer(layer))
+        .route("/uncovered", post(required));
+    let call = |path: &'static str, key: Option<&'static str>| {
+        let mut b = Request::builder().method("POST").uri(path);
+        if let Some(key) = key {
+            b = b.header("idempotency-key", key);
+        }
+        b.body(Body::empty()).unwrap()
+    };
+    let (status, _, body) = send(&app, call("/required", Some("\"k-1\""))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "k-1", "the unquoted key");
+    let (_, _, body) = send(&app, call("/optional", Some("k-2"))).await;
+    assert_eq!(body, "k-2");
+    let (status, _, body) = send(&app, call("/optional", None)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, "none");
+    let (status, _, body) = send(&app, call("/uncovered", Some("k-3"))).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    if cfg!(debug_assertions) {
+        assert!(String::from_utf8_lossy(&body).contains("IdempotencyLayer"));
+    }
+}
+
+/// Browser clients: a CORS preflight allows the `Idempotency-Key` request
+/// header, and a replay exposes `Idempotent-Replayed` to the page, with
+/// tower-http's `CorsLayer` around the route, as the README shows.
+#[tokio::test]
+async fn cors_allows_the_key_and_exposes_the_replay_header() {
+    use axum::http::{HeaderValue, Method, header};
+    use tower_http::cors::CorsLayer;
+    use tower_idempotency::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
+
+    let counter = Counter::default();
+    let cors = CorsLayer::new()
+        .allow_origin(HeaderValue::from_static("https://shop.example"))
+        .allow_methods([Method::POST])
+        .allow_headers([header::CONTENT_TYPE, IDEMPOTENCY_KEY])
+        .expose_headers([IDEMPOTENT_REPLAYED]);
+    let app = router(counter.clone())
+        .layer(IdempotencyLayer::new(MemoryStore::new()))
+        .layer(cors);
+
+    let preflight = Request::builder()
+        .method("OPTIONS")
+        .uri("/orders")
+        .header("origin", "https://shop.example")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "content-type,idempotency-key",
+        )
+        .body(Body::empty())
+        .unwrap();
+    let (status, headers, _) = send(&app, preflight).await;
+    assert!(status.is_success(), "{status}");
+    let allowed = headers["access-control-allow-headers"].to_str().unwrap();
+    assert!(allowed.contains("idempotency-key"), "{allowed}");
+    assert_eq!(counter.get(), 0, "a preflight runs nothing");
+
+    let post = || {
+        post_req(Some("k"))
+            .header("origin", "https://shop.example")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    send(&app, post()).await;
+    let (status, headers, _) = send(&app, post()).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(headers["idempotent-replayed"], "true");
+    let exposed = headers["access-control-expose-headers"].to_str().unwrap();
+    assert!(exposed.contains("idempotent-replayed"), "{exposed}");
+    assert_eq!(counter.get(), 1);
+}
