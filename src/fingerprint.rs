@@ -70,8 +70,27 @@ pub struct FingerprintConfig {
     target: bool,
     query: bool,
     body: bool,
+    json: JsonBody,
     headers: Vec<HeaderName>,
 }
+
+/// How a JSON body enters the fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum JsonBody {
+    /// The body's bytes as sent.
+    Raw,
+    /// The body's canonical form: member order and whitespace do not count.
+    Canonical,
+    /// Only the members these JSON Pointers select, each canonical.
+    Members(Vec<String>),
+}
+
+/// A JSON Pointer passed to [`FingerprintConfig::with_json_members`] that
+/// is not one (RFC 6901: empty, or starting with `/`, with `~` followed by
+/// `0` or `1`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a JSON Pointer: {0:?}")]
+pub struct InvalidPointer(pub String);
 
 impl Default for FingerprintConfig {
     fn default() -> Self {
@@ -80,6 +99,7 @@ impl Default for FingerprintConfig {
             target: true,
             query: true,
             body: true,
+            json: JsonBody::Raw,
             headers: Vec::new(),
         }
     }
@@ -94,8 +114,74 @@ impl FingerprintConfig {
             target: false,
             query: false,
             body: false,
+            json: JsonBody::Raw,
             headers: Vec::new(),
         }
+    }
+
+    /// Fingerprints a JSON body in its canonical form, so two clients that
+    /// order members differently or space them differently send the same
+    /// request: members sorted by name, no insignificant whitespace,
+    /// strings re-escaped minimally, numbers exactly as written (`1.0` is
+    /// not `1`).
+    ///
+    /// A body that is not valid JSON is fingerprinted as its raw bytes: it
+    /// is never rejected for that. The body is read whole before it is
+    /// fingerprinted (it is anyway, up to `max_request_body`).
+    ///
+    /// ```
+    /// use http::{HeaderMap, Method, Uri};
+    /// use tower_idempotency::FingerprintConfig;
+    ///
+    /// let config = FingerprintConfig::default().with_canonical_json();
+    /// let uri = Uri::from_static("/payments");
+    /// let a = config.fingerprint(&Method::POST, &uri, &HeaderMap::new(), br#"{"amount":10,"to":"bob"}"#);
+    /// let b = config.fingerprint(&Method::POST, &uri, &HeaderMap::new(), b"{ \"to\": \"bob\", \"amount\": 10 }");
+    /// assert_eq!(a, b);
+    /// ```
+    #[must_use]
+    pub fn with_canonical_json(mut self) -> Self {
+        self.body = true;
+        self.json = JsonBody::Canonical;
+        self
+    }
+
+    /// Fingerprints only the members of a JSON body that these JSON
+    /// Pointers (RFC 6901) select, each in canonical form, in the order
+    /// given; a member that is absent counts as absent, which differs from
+    /// any value. Everything else in the body may change between retries
+    /// (a client timestamp, a trace id). Combine with
+    /// [`with_header`](Self::with_header) to cover request headers too.
+    ///
+    /// A body that is not valid JSON is fingerprinted as its raw bytes.
+    ///
+    /// ```
+    /// use http::{HeaderMap, Method, Uri};
+    /// use tower_idempotency::FingerprintConfig;
+    ///
+    /// let config = FingerprintConfig::default()
+    ///     .with_json_members(["/amount", "/to"])
+    ///     .unwrap();
+    /// let uri = Uri::from_static("/payments");
+    /// let fp = |body: &[u8]| config.fingerprint(&Method::POST, &uri, &HeaderMap::new(), body);
+    /// assert_eq!(
+    ///     fp(br#"{"amount":10,"to":"bob","sent_at":"12:00:01"}"#),
+    ///     fp(br#"{"sent_at":"12:00:07","to":"bob","amount":10}"#),
+    /// );
+    /// assert_ne!(fp(br#"{"amount":10,"to":"bob"}"#), fp(br#"{"amount":11,"to":"bob"}"#));
+    /// ```
+    pub fn with_json_members<I, P>(mut self, pointers: I) -> Result<Self, InvalidPointer>
+    where
+        I: IntoIterator<Item = P>,
+        P: Into<String>,
+    {
+        let pointers: Vec<String> = pointers.into_iter().map(Into::into).collect();
+        if let Some(bad) = pointers.iter().find(|p| !crate::json::is_pointer(p)) {
+            return Err(InvalidPointer(bad.clone()));
+        }
+        self.body = true;
+        self.json = JsonBody::Members(pointers);
+        Ok(self)
     }
 
     /// Whether the method is covered (default: yes).
@@ -156,13 +242,39 @@ impl FingerprintConfig {
     ) -> Fingerprint {
         let mut f = self.start(method, uri, headers);
         if self.body {
-            f.update(body);
+            f.update(&self.json_body(body));
         }
         f.finish()
     }
 
     pub(crate) fn covers_body(&self) -> bool {
         self.body
+    }
+
+    /// Whether the body streams into the fingerprint as it arrives (raw),
+    /// or goes in whole once read ([`json_body`](Self::json_body)).
+    pub(crate) fn streams_body(&self) -> bool {
+        self.body && self.json == JsonBody::Raw
+    }
+
+    /// What of a whole body goes into the fingerprint: its canonical form or
+    /// its selected members under the JSON options, the bytes as sent
+    /// otherwise (and when the body is not JSON).
+    pub(crate) fn json_body<'b>(&self, body: &'b [u8]) -> std::borrow::Cow<'b, [u8]> {
+        use std::borrow::Cow;
+        let transformed = match &self.json {
+            JsonBody::Raw => None,
+            // A tag byte keeps a transformed body from colliding with a raw
+            // one that happens to have the same bytes.
+            JsonBody::Canonical => crate::json::canonical(body).map(|c| [&[b'c'][..], &c].concat()),
+            JsonBody::Members(pointers) => {
+                crate::json::select(body, pointers).map(|s| [&[b's'][..], &s].concat())
+            }
+        };
+        match transformed {
+            Some(t) => Cow::Owned(t),
+            None => Cow::Borrowed(body),
+        }
     }
 
     /// Starts a fingerprint over the request head; feed the body with

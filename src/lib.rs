@@ -256,6 +256,7 @@ pub mod client;
 mod engine;
 pub mod fingerprint;
 mod future;
+mod json;
 pub mod key;
 mod layer;
 pub mod message;

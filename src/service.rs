@@ -206,10 +206,10 @@ impl Ctx {
             &parts.headers,
             credentials,
         );
-        let covers_body = self.config.fingerprint.covers_body();
+        let streams_body = self.config.fingerprint.streams_body();
         let body = std::pin::pin!(body);
         let bytes = match collect(body, self.config.max_request_body, |chunk| {
-            if covers_body {
+            if streams_body {
                 fingerprinter.update(chunk);
             }
         })
@@ -235,6 +235,9 @@ impl Ctx {
                 ));
             }
         };
+        if self.config.fingerprint.covers_body() && !streams_body {
+            fingerprinter.update(&self.config.fingerprint.json_body(&bytes));
+        }
         let fingerprint = fingerprinter.finish();
         parts.extensions.insert(key);
         let req = Request::from_parts(parts, ReqBody::from(bytes));

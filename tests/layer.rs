@@ -1327,3 +1327,71 @@ async fn cors_allows_the_key_and_exposes_the_replay_header() {
     assert!(exposed.contains("idempotent-replayed"), "{exposed}");
     assert_eq!(counter.get(), 1);
 }
+
+/// The JSON fingerprint options through a Router: a reordered, respaced
+/// body is the same request under `with_canonical_json`; under
+/// `with_json_members`, only the selected members count; a body that is
+/// not JSON is fingerprinted raw, never rejected.
+#[tokio::test]
+async fn json_fingerprints_through_a_router() {
+    use tower_idempotency::FingerprintConfig;
+
+    let (app, counter) = app_with(
+        IdempotencyLayer::new(MemoryStore::new())
+            .with_fingerprint(FingerprintConfig::default().with_canonical_json()),
+    );
+    let (status, _, _) = call_post(&app, Some("c1"), r#"{"amount":10,"to":"bob"}"#).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, headers, _) =
+        call_post(&app, Some("c1"), "{ \"to\" : \"bob\",\n \"amount\": 10 }").await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(headers["idempotent-replayed"], "true");
+    let (status, _, _) = call_post(&app, Some("c1"), r#"{"amount":11,"to":"bob"}"#).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    // Not JSON: raw bytes, the same bytes replay, others mismatch.
+    assert_eq!(
+        call_post(&app, Some("c2"), "amount=10").await.0,
+        StatusCode::CREATED
+    );
+    let (status, headers, _) = call_post(&app, Some("c2"), "amount=10").await;
+    assert_eq!(
+        (status, &headers["idempotent-replayed"]),
+        (StatusCode::CREATED, &"true".parse().unwrap())
+    );
+    assert_eq!(
+        call_post(&app, Some("c2"), "amount=10 ").await.0,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    assert_eq!(counter.get(), 2);
+
+    let (app, counter) = app_with(
+        IdempotencyLayer::new(MemoryStore::new()).with_fingerprint(
+            FingerprintConfig::default()
+                .with_json_members(["/amount", "/to"])
+                .unwrap(),
+        ),
+    );
+    call_post(
+        &app,
+        Some("m1"),
+        r#"{"amount":10,"to":"bob","sent_at":"12:00:01"}"#,
+    )
+    .await;
+    let (status, headers, _) = call_post(
+        &app,
+        Some("m1"),
+        r#"{"sent_at":"12:00:09","to":"bob","amount":10}"#,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(headers["idempotent-replayed"], "true");
+    let (status, _, _) = call_post(&app, Some("m1"), r#"{"amount":10,"to":"eve"}"#).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(counter.get(), 1);
+
+    assert!(
+        FingerprintConfig::default()
+            .with_json_members(["amount"])
+            .is_err()
+    );
+}

@@ -184,3 +184,139 @@ fn key_error_kinds_are_distinct() {
         KeyError::TooLong
     );
 }
+
+// Canonical JSON fingerprints.
+
+/// A JSON value: numbers as integers or decimals, strings with escapes
+/// and non-ASCII, nested arrays and objects.
+fn json_value() -> impl Strategy<Value = serde_json::Value> {
+    use serde_json::Value;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| Value::from(n)),
+        (-1000i32..1000, 1u32..1000)
+            .prop_map(|(a, b)| { serde_json::from_str(&format!("{a}.{b}")).unwrap() }),
+        "[a-z\"\\\\/\n\u{e9}\u{1f600} ]{0,8}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(4, 48, 6, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            proptest::collection::btree_map("[a-z]{1,4}", inner, 0..6)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// `v` as JSON text, with object members in an order `order` picks and
+/// `ws` between tokens.
+fn render(
+    v: &serde_json::Value,
+    order: &mut impl FnMut(usize) -> usize,
+    ws: &str,
+    out: &mut String,
+) {
+    use serde_json::Value;
+    match v {
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(ws);
+                render(item, order, ws, out);
+            }
+            out.push_str(ws);
+            out.push(']');
+        }
+        Value::Object(map) => {
+            let mut members: Vec<_> = map.iter().collect();
+            // A permutation drawn from `order`.
+            for i in (1..members.len()).rev() {
+                members.swap(i, order(i + 1));
+            }
+            out.push('{');
+            for (i, (k, item)) in members.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(ws);
+                out.push_str(&serde_json::to_string(k).unwrap());
+                out.push_str(ws);
+                out.push(':');
+                out.push_str(ws);
+                render(item, order, ws, out);
+            }
+            out.push_str(ws);
+            out.push('}');
+        }
+        other => out.push_str(&serde_json::to_string(other).unwrap()),
+    }
+}
+
+/// `v` with its first leaf (depth first) changed, if it has one.
+fn change_a_leaf(v: &serde_json::Value) -> Option<serde_json::Value> {
+    use serde_json::Value;
+    match v {
+        Value::Null => Some(Value::Bool(false)),
+        Value::Bool(b) => Some(Value::Bool(!b)),
+        Value::Number(n) => Some(serde_json::from_str(&format!("{n}1")).unwrap()),
+        Value::String(s) => Some(Value::String(format!("{s}x"))),
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+            change_a_leaf(item).map(|changed| {
+                let mut items = items.clone();
+                items[i] = changed;
+                Value::Array(items)
+            })
+        }),
+        Value::Object(map) => map.iter().find_map(|(k, item)| {
+            change_a_leaf(item).map(|changed| {
+                let mut map = map.clone();
+                map.insert(k.clone(), changed);
+                Value::Object(map)
+            })
+        }),
+    }
+}
+
+fn canonical_fp(body: &str) -> Fingerprint {
+    FingerprintConfig::default()
+        .with_canonical_json()
+        .fingerprint(
+            &Method::POST,
+            &Uri::from_static("/payments"),
+            &HeaderMap::new(),
+            body.as_bytes(),
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+    /// Member order and whitespace do not change a canonical fingerprint.
+    #[test]
+    fn canonical_fingerprints_ignore_order_and_whitespace(
+        v in json_value(),
+        picks in proptest::collection::vec(any::<prop::sample::Index>(), 64),
+        ws in "[ \t\r\n]{0,3}",
+    ) {
+        let mut plain = String::new();
+        let mut first = |_n: usize| 0usize;
+        render(&v, &mut first, "", &mut plain);
+        let mut shuffled = String::new();
+        let mut i = 0;
+        let mut pick = |n: usize| { i += 1; picks[i % picks.len()].index(n) };
+        render(&v, &mut pick, &ws, &mut shuffled);
+        prop_assert_eq!(canonical_fp(&plain), canonical_fp(&shuffled), "{} vs {}", plain, shuffled);
+    }
+
+    /// Any change of a value changes it.
+    #[test]
+    fn canonical_fingerprints_see_every_value(v in json_value()) {
+        let Some(changed) = change_a_leaf(&v) else { return Ok(()) };
+        let (a, b) = (v.to_string(), changed.to_string());
+        prop_assume!(a != b);
+        prop_assert_ne!(canonical_fp(&a), canonical_fp(&b), "{} vs {}", a, b);
+    }
+}
