@@ -194,7 +194,7 @@ fn json_value() -> impl Strategy<Value = serde_json::Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(|n| Value::from(n)),
+        any::<i64>().prop_map(Value::from),
         (-1000i32..1000, 1u32..1000)
             .prop_map(|(a, b)| { serde_json::from_str(&format!("{a}.{b}")).unwrap() }),
         "[a-z\"\\\\/\n\u{e9}\u{1f600} ]{0,8}".prop_map(Value::String),
