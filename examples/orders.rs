@@ -14,6 +14,12 @@
 //! records stay in memory. Each SQL store creates its table if missing and
 //! sweeps expired rows every minute.
 //!
+//! With `--features dynamodb` and `DYNAMODB_TABLE` set, records live in
+//! that DynamoDB table (from the standard AWS environment: `AWS_REGION`,
+//! default `us-east-1`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+//! `AWS_SESSION_TOKEN`, and `AWS_ENDPOINT_URL` for an emulator), created if
+//! missing.
+//!
 //! With `--features encryption` and `IDEMPOTENCY_RECORD_KEY` set (64 hex
 //! characters, for example from `openssl rand -hex 32`), every record is
 //! sealed with AES-256-GCM before the store sees it: the store holds no
@@ -116,6 +122,10 @@ async fn store() -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
 /// The backend named by the environment: Redis, a SQL database by the
 /// scheme of `DATABASE_URL`, or memory.
 async fn backend() -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
+    #[cfg(feature = "dynamodb")]
+    if let Ok(table) = std::env::var("DYNAMODB_TABLE") {
+        return dynamodb_store(table).await;
+    }
     #[cfg(feature = "redis")]
     if let Ok(url) = std::env::var("REDIS_URL") {
         tracing::info!("using RedisStore");
@@ -130,6 +140,38 @@ async fn backend() -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
     }
     tracing::info!("using MemoryStore");
     Ok(Arc::new(MemoryStore::new()))
+}
+
+/// DynamoDbStore on `table`, from the standard AWS environment; the table
+/// is created if missing.
+#[cfg(feature = "dynamodb")]
+async fn dynamodb_store(table: String) -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
+    use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
+    use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+    use tower_idempotency::store::DynamoDbStore;
+
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let region = var("AWS_REGION").unwrap_or_else(|| "us-east-1".to_owned());
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .build_https();
+    let mut config = aws_sdk_dynamodb::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(region))
+        .http_client(http);
+    if let Some(endpoint) = var("AWS_ENDPOINT_URL") {
+        config = config.endpoint_url(endpoint);
+    }
+    if let (Some(id), Some(secret)) = (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
+        let credentials =
+            Credentials::new(id, secret, var("AWS_SESSION_TOKEN"), None, "environment");
+        config = config.credentials_provider(credentials);
+    }
+    let client = aws_sdk_dynamodb::Client::from_conf(config.build());
+    let store = DynamoDbStore::new(client, table.as_str());
+    store.create_table().await?;
+    tracing::info!(table = %table, "using DynamoDbStore");
+    Ok(Arc::new(store))
 }
 
 /// The SQL store `url`'s scheme names, if its feature is compiled in.

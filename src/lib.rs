@@ -98,7 +98,7 @@
 //!           attachment() for request-scoped state, capabilities(); no http type
 //!                                   |
 //! backends  MemoryStore, SqliteStore, PostgresStore, TransactionalPostgresStore,
-//!           MySqlStore, RedisStore
+//!           MySqlStore, RedisStore, DynamoDbStore (any of them inside SealedStore)
 //! ```
 //!
 //! A face turns its input into a store key and a fingerprint and its
@@ -171,6 +171,7 @@
 //! | `SqliteStore` (feature `sqlite`) | one host: records survive restarts in one file that every process on the host shares; no server to run. |
 //! | `PostgresStore` (feature `postgres`) | records must survive restarts, in the database the service already runs. |
 //! | `MySqlStore` (feature `mysql`) | the same, for a service on MySQL 8 or MariaDB. |
+//! | `DynamoDbStore` (feature `dynamodb`) | services on AWS without a database to spare: one conditional request per step. |
 //! | `TransactionalPostgresStore` (feature `postgres`) | the handler writes to that same database: its writes and the record commit in one transaction, so a crash can never run it twice. |
 //!
 //! Any other backend implements [`Store`] and proves itself with the
@@ -226,6 +227,8 @@
 //!   sqlx.
 //! - `sqlite`: `SqliteStore`, durable records in one SQLite file for the
 //!   processes of one host, through sqlx (SQLite compiled in).
+//! - `dynamodb`: `store::DynamoDbStore`, records in a DynamoDB table
+//!   through the official `aws-sdk-dynamodb` crate.
 //! - `encryption`: `store::SealedStore`, which seals every record with
 //!   AES-256-GCM (a key id for rotation, bound to the store key) around any
 //!   store.

@@ -12,7 +12,8 @@
     feature = "redis",
     feature = "postgres",
     feature = "mysql",
-    feature = "sqlite"
+    feature = "sqlite",
+    feature = "dynamodb"
 ))]
 #![allow(clippy::unwrap_used)]
 
@@ -275,4 +276,21 @@ async fn orders_sealed_in_redis_keep_no_plaintext_and_no_other_callers_order() {
             "the order is in Redis in plaintext under {k}"
         );
     }
+}
+
+#[cfg(feature = "dynamodb")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_on_dynamodb() {
+    let Some(endpoint) = common::backend(common::DYNAMODB) else {
+        return;
+    };
+    let table = format!("orders-{}", uuid::Uuid::new_v4().simple());
+    one_order_across_instances_and_restarts(vec![
+        ("DYNAMODB_TABLE", table),
+        ("AWS_ENDPOINT_URL", endpoint),
+        ("AWS_ACCESS_KEY_ID", "test".to_owned()),
+        ("AWS_SECRET_ACCESS_KEY", "test".to_owned()),
+        ("AWS_REGION", "us-east-1".to_owned()),
+    ])
+    .await;
 }

@@ -41,6 +41,9 @@ use crate::record::{DecodeError, Record};
 
 pub use crate::attachment::Attachment;
 
+#[cfg(feature = "dynamodb")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
+pub mod dynamodb;
 pub mod memory;
 #[cfg(feature = "mysql")]
 #[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
@@ -63,6 +66,8 @@ mod sql;
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub mod sqlite;
 
+#[cfg(feature = "dynamodb")]
+pub use dynamodb::DynamoDbStore;
 pub use memory::MemoryStore;
 #[cfg(feature = "mysql")]
 pub use mysql::MySqlStore;
@@ -387,7 +392,8 @@ impl<S: Store + Clone> Drop for Unsettled<S> {
     feature = "redis",
     feature = "postgres",
     feature = "mysql",
-    feature = "sqlite"
+    feature = "sqlite",
+    feature = "dynamodb"
 ))]
 pub(crate) async fn release_unanswered<S: Store + ?Sized>(
     store: &S,

@@ -540,7 +540,19 @@ impl<S: Store> Store for SealedStore<S> {
     }
 
     fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
+        // A sealed record is the plain one plus the envelope and the value
+        // record around it: what the inner store holds, less that.
+        let inner = self.inner.capabilities();
+        match inner.max_record_size() {
+            Some(max) => {
+                let around = Record::value(Fingerprint::from_bytes([0; 32]), Bytes::new())
+                    .encode()
+                    .len()
+                    + MIN_LEN;
+                inner.with_max_record_size(max.saturating_sub(around))
+            }
+            None => inner,
+        }
     }
 
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {

@@ -152,6 +152,7 @@ pub const POSTGRES: (&str, &str) = ("DATABASE_URL", "postgres://postgres@127.0.0
 pub const NATS: (&str, &str) = ("NATS_URL", "nats://127.0.0.1:4222");
 pub const RABBITMQ: (&str, &str) = ("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
 pub const MYSQL: (&str, &str) = ("MYSQL_URL", "mysql://root@127.0.0.1:3306/test");
+pub const DYNAMODB: (&str, &str) = ("AWS_ENDPOINT_URL", "http://127.0.0.1:8000");
 
 /// The URL of a backend: its variable if set, otherwise the standard local
 /// address if something listens there. `None` (the caller skips) when
@@ -224,6 +225,7 @@ fn listening(url: &str) -> bool {
         Some("nats") => 4222,
         Some("amqp") => 5672,
         Some("mysql" | "mariadb") => 3306,
+        Some("http") => 80,
         _ => return false,
     };
     let addr = if host_port.contains(':') {
@@ -322,6 +324,7 @@ pub async fn example_bin(name: &'static str) -> std::path::PathBuf {
             (cfg!(feature = "mysql"), "mysql"),
             (cfg!(feature = "sqlite"), "sqlite"),
             (cfg!(feature = "encryption"), "encryption"),
+            (cfg!(feature = "dynamodb"), "dynamodb"),
             (cfg!(feature = "metrics"), "metrics"),
             (cfg!(feature = "client"), "client"),
             (cfg!(feature = "axum"), "axum"),
