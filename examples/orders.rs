@@ -22,6 +22,11 @@
 //! `AWS_SESSION_TOKEN`, and `AWS_ENDPOINT_URL` for an emulator), created if
 //! missing.
 //!
+//! With `--features utoipa`, `GET /openapi.json` serves the service's
+//! OpenAPI document, with the idempotency contract of `POST /orders` (the
+//! key header, the problem responses, `Idempotent-Replayed`, the expiry
+//! policy) written in by the layer.
+//!
 //! With `--features encryption` and `IDEMPOTENCY_RECORD_KEY` set (64 hex
 //! characters, for example from `openssl rand -hex 32`), every record is
 //! sealed with AES-256-GCM before the store sees it: the store holds no
@@ -54,12 +59,14 @@ use serde::{Deserialize, Serialize};
 use tower_idempotency::{IdempotencyLayer, MemoryStore, Store};
 
 #[derive(Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 struct NewOrder {
     item: String,
     qty: i64,
 }
 
 #[derive(Clone, Serialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 struct Order {
     id: String,
     item: String,
@@ -72,6 +79,12 @@ struct App {
     delay: Duration,
 }
 
+#[cfg_attr(feature = "utoipa", utoipa::path(
+    post,
+    path = "/orders",
+    request_body = NewOrder,
+    responses((status = 201, description = "The order, created once per Idempotency-Key", body = Order)),
+))]
 async fn create_order(
     State(app): State<App>,
     Json(new): Json<NewOrder>,
@@ -92,6 +105,11 @@ async fn create_order(
     (StatusCode::CREATED, Json(order))
 }
 
+#[cfg_attr(feature = "utoipa", utoipa::path(
+    get,
+    path = "/orders",
+    responses((status = 200, description = "Every order created so far, oldest first", body = [Order])),
+))]
 async fn list_orders(State(app): State<App>) -> Json<Vec<Order>> {
     Json(app.orders.lock().unwrap_or_else(|e| e.into_inner()).clone())
 }
@@ -264,16 +282,43 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         orders: Arc::default(),
         delay: Duration::from_millis(delay_ms),
     };
-    let router = Router::new()
-        .route(
-            "/orders",
-            post(create_order)
-                .get(list_orders)
-                // The route's handlers only: an unknown path keeps the
-                // router's 404 and a method the route lacks its 405.
-                .route_layer(IdempotencyLayer::from_arc(store().await?).with_require_key(true)),
-        )
-        .with_state(app);
+    let idempotency = IdempotencyLayer::from_arc(store().await?).with_require_key(true);
+    #[cfg(feature = "utoipa")]
+    let openapi = {
+        use utoipa::OpenApi;
+        #[derive(OpenApi)]
+        #[openapi(
+            info(
+                title = "orders",
+                description = "An order service whose POST /orders is safe to retry."
+            ),
+            paths(create_order, list_orders)
+        )]
+        struct ApiDoc;
+        let mut doc = ApiDoc::openapi();
+        idempotency.openapi().apply(&mut doc);
+        doc.to_pretty_json()?
+    };
+    let router = Router::new().route(
+        "/orders",
+        post(create_order)
+            .get(list_orders)
+            // The route's handlers only: an unknown path keeps the
+            // router's 404 and a method the route lacks its 405.
+            .route_layer(idempotency),
+    );
+    // The published policy (the Idempotency-Key draft, 2.3 and 2.5.2).
+    #[cfg(feature = "utoipa")]
+    let router = router.route(
+        "/openapi.json",
+        axum::routing::get(move || async move {
+            (
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                openapi,
+            )
+        }),
+    );
+    let router = router.with_state(app);
 
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     tracing::info!("listening on http://{}", listener.local_addr()?);

@@ -397,6 +397,27 @@ impl<M> IdempotencyLayer<M> {
         self.config(|c| c.problems = problems)
     }
 
+    /// The layer's idempotency contract, to write into an OpenAPI document
+    /// (feature `utoipa`): the key header parameter, the problem responses,
+    /// the `Idempotent-Replayed` header and the expiry policy of every
+    /// operation the layer covers. See [`crate::openapi`].
+    #[cfg(feature = "utoipa")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "utoipa")))]
+    pub fn openapi(&self) -> crate::openapi::IdempotencyOpenApi {
+        let c = &self.shared.config;
+        crate::openapi::IdempotencyOpenApi {
+            methods: c.methods.clone(),
+            header: c.header.clone(),
+            require_key: c.require_key,
+            min_key_len: c.min_key_len,
+            max_key_len: c.max_key_len,
+            ttl: self.shared.engine.settings.ttl,
+            replayed_header: c.replayed_header.clone(),
+            type_base: c.problems.type_base().to_owned(),
+            paths: None,
+        }
+    }
+
     /// Whether a request that has no scope is bound to its credentials
     /// (default: on).
     ///

@@ -229,6 +229,9 @@
 //!   processes of one host, through sqlx (SQLite compiled in).
 //! - `dynamodb`: `store::DynamoDbStore`, records in a DynamoDB table
 //!   through the official `aws-sdk-dynamodb` crate.
+//! - `utoipa`: [`IdempotencyLayer::openapi`], the layer's contract (the key
+//!   header, the problem responses, `Idempotent-Replayed`, the expiry
+//!   policy) written into a utoipa OpenAPI document.
 //! - `encryption`: `store::SealedStore`, which seals every record with
 //!   AES-256-GCM (a key id for rotation, bound to the store key) around any
 //!   store.
@@ -264,6 +267,9 @@ pub mod key;
 mod layer;
 pub mod message;
 pub mod observe;
+#[cfg(feature = "utoipa")]
+#[cfg_attr(docsrs, doc(cfg(feature = "utoipa")))]
+pub mod openapi;
 pub mod problem;
 pub mod record;
 mod service;
@@ -287,6 +293,7 @@ mod test_helpers;
     feature = "mysql",
     feature = "sqlite",
     feature = "encryption",
+    feature = "utoipa",
     feature = "client",
     feature = "json"
 ))]

@@ -13,9 +13,12 @@
     feature = "postgres",
     feature = "mysql",
     feature = "sqlite",
-    feature = "dynamodb"
+    feature = "dynamodb",
+    feature = "utoipa"
 ))]
 #![allow(clippy::unwrap_used)]
+// The helpers serve whichever store tests the features build.
+#![allow(dead_code)]
 
 mod common;
 
@@ -312,4 +315,68 @@ async fn orders_on_redis_cluster() {
         }
     };
     one_order_across_instances_and_restarts(vec![("REDIS_CLUSTER_URLS", urls)]).await;
+}
+
+/// The OpenAPI document the example serves describes the idempotency
+/// contract of `POST /orders` completely: the key header (required, its
+/// syntax and length), the 400/409/410/413/422/503 problem responses with
+/// their schema (and `Retry-After` where it applies), `Idempotent-Replayed`
+/// on the 201, and the expiry policy.
+#[cfg(feature = "utoipa")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_publishes_its_idempotency_policy() {
+    let orders = Orders::start(&[]).await;
+    let res = request(
+        orders.port,
+        "GET /openapi.json HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(res.status, 200);
+    let doc: serde_json::Value = serde_json::from_str(&res.body).unwrap();
+    let post = &doc["paths"]["/orders"]["post"];
+
+    let key = post["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "Idempotency-Key")
+        .expect("the key header parameter");
+    assert_eq!(key["in"], "header");
+    assert_eq!(key["required"], true);
+    assert_eq!(key["schema"]["type"], "string");
+    assert_eq!(key["schema"]["minLength"], 1);
+    assert_eq!(key["schema"]["maxLength"], 255);
+    assert!(key["description"].as_str().unwrap().contains("sf-string"));
+
+    for status in ["400", "409", "410", "413", "422", "503"] {
+        let response = &post["responses"][status];
+        assert_eq!(
+            response["content"]["application/problem+json"]["schema"]["$ref"],
+            "#/components/schemas/IdempotencyProblem",
+            "{status}"
+        );
+        let retry_after = !response["headers"]["Retry-After"].is_null();
+        assert_eq!(retry_after, status == "409" || status == "503", "{status}");
+    }
+    let created = &post["responses"]["201"];
+    assert_eq!(
+        created["headers"]["Idempotent-Replayed"]["schema"]["enum"][0],
+        "true"
+    );
+    assert!(
+        !created["content"]["application/json"].is_null(),
+        "the order itself"
+    );
+    let description = post["description"].as_str().unwrap();
+    assert!(
+        description.contains("1 day (86400 seconds)"),
+        "{description}"
+    );
+
+    let problem = &doc["components"]["schemas"]["IdempotencyProblem"];
+    for member in ["type", "title", "status", "detail", "instance", "retryable"] {
+        assert!(!problem["properties"][member].is_null(), "{member}");
+    }
+    // GET is not covered: no key parameter there.
+    assert!(doc["paths"]["/orders"]["get"]["parameters"].is_null());
 }

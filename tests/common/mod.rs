@@ -325,6 +325,7 @@ pub async fn example_bin(name: &'static str) -> std::path::PathBuf {
             (cfg!(feature = "sqlite"), "sqlite"),
             (cfg!(feature = "encryption"), "encryption"),
             (cfg!(feature = "dynamodb"), "dynamodb"),
+            (cfg!(feature = "utoipa"), "utoipa"),
             (cfg!(feature = "metrics"), "metrics"),
             (cfg!(feature = "client"), "client"),
             (cfg!(feature = "axum"), "axum"),

@@ -2,7 +2,7 @@
 //! JSON order echoing the item; `GET /orders` answers 200 with the count.
 //!
 //! ```text
-//! bench-server --port 3000 --mode bare|memory|redis|postgres \
+//! bench-server --port 3000 --mode bare|memory|redis|postgres|mysql|sqlite|redis-cluster|dynamodb \
 //!              [--preload N] [--preload-body-bytes 1024] [--delay-ms 0] \
 //!              [--threads 0] [--exit-after 900] [--max-entries 2000000] \
 //!              [--body-mode keep|wrap]
@@ -103,6 +103,8 @@ enum Mode {
     Postgres,
     Mysql,
     Sqlite,
+    RedisCluster,
+    Dynamodb,
 }
 
 impl std::str::FromStr for Mode {
@@ -115,6 +117,8 @@ impl std::str::FromStr for Mode {
             "postgres" => Self::Postgres,
             "mysql" => Self::Mysql,
             "sqlite" => Self::Sqlite,
+            "redis-cluster" => Self::RedisCluster,
+            "dynamodb" => Self::Dynamodb,
             _ => return Err(format!("unknown mode `{s}`")),
         })
     }
@@ -138,6 +142,8 @@ async fn store(
         Mode::Postgres => postgres_store().await.map(|s| (Some(s), None)),
         Mode::Mysql => mysql_store().await.map(|s| (Some(s), None)),
         Mode::Sqlite => sqlite_store().await.map(|s| (Some(s), None)),
+        Mode::RedisCluster => redis_cluster_store().await.map(|s| (Some(s), None)),
+        Mode::Dynamodb => dynamodb_store().await.map(|s| (Some(s), None)),
     }
 }
 
@@ -225,6 +231,60 @@ async fn sqlite_store() -> Result<Arc<dyn Store>, BoxError> {
 #[cfg(not(feature = "sqlite"))]
 async fn sqlite_store() -> Result<Arc<dyn Store>, BoxError> {
     Err("--mode sqlite needs the `sqlite` feature of this crate".into())
+}
+
+/// A Redis Cluster from `REDIS_CLUSTER_URLS`, replica acknowledgement on
+/// (its default).
+#[cfg(feature = "redis")]
+async fn redis_cluster_store() -> Result<Arc<dyn Store>, BoxError> {
+    let urls = std::env::var("REDIS_CLUSTER_URLS")
+        .map_err(|_| "--mode redis-cluster needs REDIS_CLUSTER_URLS")?;
+    let nodes: Vec<&str> = urls.split(',').map(str::trim).collect();
+    Ok(Arc::new(
+        tower_idempotency::store::RedisClusterStore::from_cluster_urls(nodes)
+            .await?
+            .with_prefix("perf:idempotency:"),
+    ))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redis_cluster_store() -> Result<Arc<dyn Store>, BoxError> {
+    Err("--mode redis-cluster needs the `redis` feature of this crate".into())
+}
+
+/// A DynamoDB table (`DYNAMODB_TABLE`, default `perf-idempotency`) at
+/// `AWS_ENDPOINT_URL`, created if missing; dummy credentials unless the
+/// environment has some.
+#[cfg(feature = "dynamodb")]
+async fn dynamodb_store() -> Result<Arc<dyn Store>, BoxError> {
+    use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let mut config = aws_sdk_dynamodb::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new(
+            var("AWS_REGION").unwrap_or_else(|| "us-east-1".into()),
+        ))
+        .credentials_provider(Credentials::new(
+            var("AWS_ACCESS_KEY_ID").unwrap_or_else(|| "test".into()),
+            var("AWS_SECRET_ACCESS_KEY").unwrap_or_else(|| "test".into()),
+            None,
+            None,
+            "bench-server",
+        ))
+        .http_client(aws_smithy_http_client::Builder::new().build_http());
+    if let Some(endpoint) = var("AWS_ENDPOINT_URL") {
+        config = config.endpoint_url(endpoint);
+    }
+    let client = aws_sdk_dynamodb::Client::from_conf(config.build());
+    let table = var("DYNAMODB_TABLE").unwrap_or_else(|| "perf-idempotency".into());
+    let store = tower_idempotency::store::DynamoDbStore::new(client, table.as_str());
+    store.create_table().await?;
+    Ok(Arc::new(store))
+}
+
+#[cfg(not(feature = "dynamodb"))]
+async fn dynamodb_store() -> Result<Arc<dyn Store>, BoxError> {
+    Err("--mode dynamodb needs the `dynamodb` feature of this crate".into())
 }
 
 /// Records `n` orders through `app`, from `tasks` concurrent tasks.
