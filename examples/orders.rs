@@ -1,9 +1,7 @@
 //! An order service whose `POST /orders` is safe to retry.
 //!
 //! Run with `cargo run --example orders` (in-memory store). With
-//! `--features redis` and `REDIS_CLUSTER_URLS` set (comma-separated node
-//! URLs), records live in a Redis Cluster with replica acknowledgement on;
-//! with `REDIS_URL` set, in one Redis. Otherwise
+//! `--features redis` and `REDIS_URL` set, records live in Redis. Otherwise
 //! the scheme of `DATABASE_URL` picks a SQL store, each with its feature:
 //!
 //! | `DATABASE_URL` | store | feature |
@@ -142,21 +140,6 @@ async fn store() -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
 /// The backend named by the environment: Redis, a SQL database by the
 /// scheme of `DATABASE_URL`, or memory.
 async fn backend() -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
-    #[cfg(feature = "redis")]
-    if let Ok(urls) = std::env::var("REDIS_CLUSTER_URLS") {
-        let nodes: Vec<&str> = urls
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .collect();
-        // Replica acknowledgement on: a lock or record the failed primary
-        // had not replicated yet is not lost in a failover.
-        let store = tower_idempotency::store::RedisClusterStore::from_cluster_urls(nodes)
-            .await?
-            .with_replica_ack(1, Duration::from_millis(10));
-        tracing::info!("using RedisClusterStore, replica acknowledgement on");
-        return Ok(Arc::new(store));
-    }
     #[cfg(feature = "dynamodb")]
     if let Ok(table) = std::env::var("DYNAMODB_TABLE") {
         return dynamodb_store(table).await;

@@ -18,8 +18,8 @@
 #   REDIS_URL, DATABASE_URL, MYSQL_URL: the redis, postgres and mysql rows
 #   run only when set (PG_POOL [16]: the server's SQL pool size). The sqlite
 #   row runs on a fresh file in the temporary directory (SQLITE_PATH).
-#   REDIS_CLUSTER_URLS, AWS_ENDPOINT_URL: the redis-cluster and dynamodb
-#   rows (a DynamoDB emulator's latency is not DynamoDB's).
+#   AWS_ENDPOINT_URL: the dynamodb rows (a DynamoDB emulator's latency is
+#   not DynamoDB's).
 #
 # The load generator and the server share the machine's cores: the figures
 # are for comparing rows of one run, not absolute capacity. Every load run
@@ -56,7 +56,6 @@ if [ "$million" = 0 ]; then
   if [ -n "${REDIS_URL:-}" ]; then features+=(redis); fi
   if [ -n "${DATABASE_URL:-}" ]; then features+=(postgres); fi
   if [ -n "${MYSQL_URL:-}" ]; then features+=(mysql); fi
-  if [ -n "${REDIS_CLUSTER_URLS:-}" ] && [ -z "${REDIS_URL:-}" ]; then features+=(redis); fi
   if [ -n "${AWS_ENDPOINT_URL:-}" ]; then features+=(dynamodb); fi
   features+=(sqlite)
 fi
@@ -180,17 +179,13 @@ else
   start_server memory-bounded memory --max-entries 20000
   measure "memory, 20,000 max" unique
   stop_server
-  for backend in redis redis-cluster postgres mysql sqlite dynamodb; do
+  for backend in redis postgres mysql sqlite dynamodb; do
     if [ "$backend" = redis ] && [ -z "${REDIS_URL:-}" ]; then
       echo "==> skipping redis: REDIS_URL is unset" >&2
       continue
     fi
     if [ "$backend" = postgres ] && [ -z "${DATABASE_URL:-}" ]; then
       echo "==> skipping postgres: DATABASE_URL is unset" >&2
-      continue
-    fi
-    if [ "$backend" = redis-cluster ] && [ -z "${REDIS_CLUSTER_URLS:-}" ]; then
-      echo "==> skipping redis-cluster: REDIS_CLUSTER_URLS is unset" >&2
       continue
     fi
     if [ "$backend" = dynamodb ] && [ -z "${AWS_ENDPOINT_URL:-}" ]; then

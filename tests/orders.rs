@@ -297,26 +297,6 @@ async fn orders_on_dynamodb() {
     ])
     .await;
 }
-
-/// On a Redis Cluster (`REDIS_CLUSTER_URLS`, as `.ci/run` starts one), with
-/// replica acknowledgement on.
-#[cfg(feature = "redis")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn orders_on_redis_cluster() {
-    let urls = match std::env::var("REDIS_CLUSTER_URLS") {
-        Ok(urls) if !urls.trim().is_empty() => urls,
-        _ => {
-            assert!(
-                !common::in_ci(),
-                "REDIS_CLUSTER_URLS is unset, and CI=true: start scripts/redis-cluster.sh"
-            );
-            eprintln!("[backends] orders: REDIS_CLUSTER_URLS SKIPPED: unset");
-            return;
-        }
-    };
-    one_order_across_instances_and_restarts(vec![("REDIS_CLUSTER_URLS", urls)]).await;
-}
-
 /// The OpenAPI document the example serves describes the idempotency
 /// contract of `POST /orders` completely: the key header (required, its
 /// syntax and length), the 400/409/410/413/422/503 problem responses with

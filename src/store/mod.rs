@@ -76,7 +76,7 @@ pub use postgres::PostgresStore;
 #[cfg(feature = "postgres")]
 pub use postgres_tx::{IdempotentTransaction, TransactionalPostgresStore};
 #[cfg(feature = "redis")]
-pub use redis::{RedisClusterStore, RedisStore};
+pub use redis::RedisStore;
 #[cfg(feature = "encryption")]
 #[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
 pub use sealed::{InvalidRecordKey, RecordKey, SealedStore};

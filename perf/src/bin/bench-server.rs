@@ -2,7 +2,7 @@
 //! JSON order echoing the item; `GET /orders` answers 200 with the count.
 //!
 //! ```text
-//! bench-server --port 3000 --mode bare|memory|redis|postgres|mysql|sqlite|redis-cluster|dynamodb \
+//! bench-server --port 3000 --mode bare|memory|redis|postgres|mysql|sqlite|dynamodb \
 //!              [--preload N] [--preload-body-bytes 1024] [--delay-ms 0] \
 //!              [--threads 0] [--exit-after 900] [--max-entries 2000000] \
 //!              [--body-mode keep|wrap]
@@ -103,7 +103,6 @@ enum Mode {
     Postgres,
     Mysql,
     Sqlite,
-    RedisCluster,
     Dynamodb,
 }
 
@@ -117,7 +116,6 @@ impl std::str::FromStr for Mode {
             "postgres" => Self::Postgres,
             "mysql" => Self::Mysql,
             "sqlite" => Self::Sqlite,
-            "redis-cluster" => Self::RedisCluster,
             "dynamodb" => Self::Dynamodb,
             _ => return Err(format!("unknown mode `{s}`")),
         })
@@ -142,7 +140,6 @@ async fn store(
         Mode::Postgres => postgres_store().await.map(|s| (Some(s), None)),
         Mode::Mysql => mysql_store().await.map(|s| (Some(s), None)),
         Mode::Sqlite => sqlite_store().await.map(|s| (Some(s), None)),
-        Mode::RedisCluster => redis_cluster_store().await.map(|s| (Some(s), None)),
         Mode::Dynamodb => dynamodb_store().await.map(|s| (Some(s), None)),
     }
 }
@@ -231,25 +228,6 @@ async fn sqlite_store() -> Result<Arc<dyn Store>, BoxError> {
 #[cfg(not(feature = "sqlite"))]
 async fn sqlite_store() -> Result<Arc<dyn Store>, BoxError> {
     Err("--mode sqlite needs the `sqlite` feature of this crate".into())
-}
-
-/// A Redis Cluster from `REDIS_CLUSTER_URLS`, replica acknowledgement on
-/// (its default).
-#[cfg(feature = "redis")]
-async fn redis_cluster_store() -> Result<Arc<dyn Store>, BoxError> {
-    let urls = std::env::var("REDIS_CLUSTER_URLS")
-        .map_err(|_| "--mode redis-cluster needs REDIS_CLUSTER_URLS")?;
-    let nodes: Vec<&str> = urls.split(',').map(str::trim).collect();
-    Ok(Arc::new(
-        tower_idempotency::store::RedisClusterStore::from_cluster_urls(nodes)
-            .await?
-            .with_prefix("perf:idempotency:"),
-    ))
-}
-
-#[cfg(not(feature = "redis"))]
-async fn redis_cluster_store() -> Result<Arc<dyn Store>, BoxError> {
-    Err("--mode redis-cluster needs the `redis` feature of this crate".into())
 }
 
 /// A DynamoDB table (`DYNAMODB_TABLE`, default `perf-idempotency`) at
