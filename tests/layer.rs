@@ -113,12 +113,19 @@ async fn uncovered_methods_pass_through_untouched_and_unbuffered() {
 async fn methods_are_configurable() {
     let (app, counter) =
         app_with(IdempotencyLayer::new(MemoryStore::new()).with_methods([axum::http::Method::PUT]));
-    for _ in 0..2 {
+    let (first, _, _) = send(&app, req("PUT", Some("k")).body(Body::from("x")).unwrap()).await;
+    let (second, headers, _) =
         send(&app, req("PUT", Some("k")).body(Body::from("x")).unwrap()).await;
-    }
+    assert_eq!((first, second), (StatusCode::CREATED, StatusCode::CREATED));
+    assert_eq!(headers["idempotent-replayed"], "true", "PUT is covered");
     assert_eq!(counter.get(), 1);
     for _ in 0..2 {
-        call_post(&app, Some("k2"), "x").await;
+        let (status, headers, _) = call_post(&app, Some("k2"), "x").await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert!(
+            headers.get("idempotent-replayed").is_none(),
+            "POST is not covered"
+        );
     }
     assert_eq!(counter.get(), 3, "POST is no longer covered");
 }
@@ -559,14 +566,15 @@ async fn handler_overrides_recording_per_response() {
             .body(Body::from("{}"))
             .unwrap()
     };
-    send(&app, r("a", "skip")).await;
-    assert!(
-        send(&app, r("a", "skip"))
-            .await
-            .1
-            .get("idempotent-replayed")
-            .is_none()
-    );
+    // Not recorded, and the key is released at once: the retry runs again
+    // (a 200 of its own, not a replay, and not a 409 from a lock left
+    // behind until its lease ends).
+    let (status, _, _) = send(&app, r("a", "skip")).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, headers, body) = send(&app, r("a", "skip")).await;
+    assert_eq!(status, StatusCode::OK, "the key was not released");
+    assert!(headers.get("idempotent-replayed").is_none());
+    assert_eq!(body, "skip");
     send(&app, r("b", "force")).await;
     let (status, headers, _) = send(&app, r("b", "force")).await;
     assert_eq!(

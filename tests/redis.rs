@@ -803,7 +803,15 @@ async fn commands_per_request() {
 async fn a_4_mib_record_replays_through_the_layer() {
     let Some(url) = redis_url() else { return };
     let counter = Counter::default();
-    let app = common::router(counter.clone()).layer(IdempotencyLayer::new(store_on(&url).await));
+    let prefix = unique_prefix();
+    let store = RedisStore::from_url(&url)
+        .await
+        .unwrap()
+        .with_prefix(prefix.clone());
+    // A short ttl, and a cleanup below: 4 MiB must not stay in the shared
+    // Redis for a day after every run.
+    let app = common::router(counter.clone())
+        .layer(IdempotencyLayer::new(store).with_ttl(Duration::from_secs(60)));
     let req = || {
         post_req(Some("big"))
             .header("x-size", (4 * 1024 * 1024 - 1).to_string())
@@ -818,6 +826,7 @@ async fn a_4_mib_record_replays_through_the_layer() {
     assert_eq!(replay.len(), first.len());
     assert!(replay == first);
     assert_eq!(counter.get(), 1);
+    common::delete_prefix(&url, &prefix).await;
 }
 
 /// A `begin` whose answer never arrives (the server froze after receiving

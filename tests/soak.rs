@@ -376,6 +376,11 @@ async fn soak(name: &str, stores: [Arc<dyn Store>; 2], proxy: &Proxy) {
         "something other than the handler panicked"
     );
     assert_eq!(t.other.load(Ordering::Relaxed), 0, "unexpected statuses");
+    assert_eq!(
+        t.gave_up.load(Ordering::Relaxed),
+        0,
+        "keys that never got their 201 within the patience: lost to a lock left behind or a store that never recovered"
+    );
     assert!(
         injected > 0
             && t.replayed.load(Ordering::Relaxed) > 0
