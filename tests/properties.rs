@@ -35,10 +35,25 @@ proptest! {
         }
     }
 
-    /// Header-like input near the grammar's edges.
+    /// Header-like input near the grammar's edges: a key that parses
+    /// round-trips (its sf-string form names the same key), and a refusal
+    /// names the right reason.
     #[test]
-    fn near_miss_input_never_panics(raw in "[ \t\"\\\\a-z,;=\\x00-\\x1f\\x7f]{0,40}") {
-        let _ = parse_key(raw.as_bytes(), 1, 255);
+    fn near_miss_input_round_trips_or_is_refused_for_its_reason(raw in "[ \t\"\\\\a-z,;=\\x00-\\x1f\\x7f]{0,40}") {
+        match parse_key(raw.as_bytes(), 1, 255) {
+            Ok(key) => {
+                let again = parse_key(quote(key.as_str()).as_bytes(), 1, 255);
+                prop_assert_eq!(again.map(|k| k.as_str().to_owned()), Ok(key.as_str().to_owned()));
+            }
+            Err(e) => {
+                let trimmed = raw.trim_matches([' ', '\t']);
+                if trimmed.is_empty() || trimmed == "\"\"" {
+                    prop_assert_eq!(e, KeyError::Empty, "{:?}", raw);
+                } else {
+                    prop_assert_eq!(e, KeyError::Malformed, "{:?}", raw);
+                }
+            }
+        }
     }
 
     /// A bare token and its sf-string form name the same key.
@@ -136,10 +151,14 @@ proptest! {
         prop_assert!(Record::decode(&bytes).is_err());
     }
 
-    /// Arbitrary bytes never panic the decoder.
+    /// Arbitrary bytes never panic the decoder, and whatever decodes
+    /// encodes back to exactly those bytes (no two encodings of one record).
     #[test]
-    fn arbitrary_bytes_never_panic(raw in proptest::collection::vec(any::<u8>(), 0..256)) {
-        let _ = Record::decode(&raw);
+    fn arbitrary_bytes_decode_only_to_their_own_encoding(raw in proptest::collection::vec(any::<u8>(), 0..256)) {
+        if let Ok(record) = Record::decode(&raw) {
+            let encoded = record.encode();
+            prop_assert_eq!(&encoded[..], &raw[..]);
+        }
     }
 }
 
