@@ -106,6 +106,54 @@ async fn lapsed_holder_cannot_overwrite_the_new_holders_record() {
     assert!(store.calls(Op::Extend) >= 1, "heartbeats were attempted");
 }
 
+/// The fence alone. The lapsed first holder finishes while the second
+/// holder still runs, so when its `complete` arrives the key is in flight
+/// under a live lock, and only the lock token tells the two holders apart.
+/// Its write is refused: a retry at that moment is told the key is in
+/// flight (not handed the lapsed holder's response), and the record is the
+/// second holder's.
+#[tokio::test]
+async fn lapsed_holder_is_fenced_by_its_token_while_the_new_holder_runs() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    // No heartbeat ever lands: the first lease lapses at 1 s, the second
+    // holder's lease (1 s from its start) outlives its 700 ms handler.
+    store.inject(Op::Extend, Fault::Fail, usize::MAX);
+    let counter = Counter::default();
+    let app = router(counter.clone())
+        .layer(IdempotencyLayer::from_arc(store.clone()).with_lease(Duration::from_secs(1)));
+
+    let first = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, slow("k", 1500)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1150)).await;
+    let second = tokio::spawn({
+        let app = app.clone();
+        async move { send(&app, slow("k", 700)).await }
+    });
+
+    let (status, first_headers, _) = first.await.unwrap();
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(first_headers["x-execution"], "1");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (status, probe, _) = send(&app, slow("k", 0)).await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "the key is in flight under the second holder; the lapsed holder's \
+         response must not have been recorded (replayed: {:?})",
+        probe.get("idempotent-replayed")
+    );
+
+    let (status, second_headers, _) = second.await.unwrap();
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(second_headers["x-execution"], "2");
+    let (_, replay, _) = send(&app, slow("k", 0)).await;
+    assert_eq!(replay["idempotent-replayed"], "true");
+    assert_eq!(replay["x-execution"], "2", "the record is the second holder's");
+    assert_eq!(counter.get(), 2);
+}
+
 /// A million distinct keys through a store bounded to a hundred thousand:
 /// memory stays bounded and live locks survive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
