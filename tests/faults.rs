@@ -150,7 +150,10 @@ async fn lapsed_holder_is_fenced_by_its_token_while_the_new_holder_runs() {
     assert_eq!(second_headers["x-execution"], "2");
     let (_, replay, _) = send(&app, slow("k", 0)).await;
     assert_eq!(replay["idempotent-replayed"], "true");
-    assert_eq!(replay["x-execution"], "2", "the record is the second holder's");
+    assert_eq!(
+        replay["x-execution"], "2",
+        "the record is the second holder's"
+    );
     assert_eq!(counter.get(), 2);
 }
 

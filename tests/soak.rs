@@ -413,6 +413,56 @@ fn upstream(url: &str, default_port: u16) -> SocketAddr {
         .unwrap()
 }
 
+/// `url` with its host and port replaced by the proxy's `addr`. The user,
+/// password, database (a Redis index, a PostgreSQL name) and query stay, so
+/// the soak runs where `url` says.
+fn through(url: &str, addr: SocketAddr) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let userinfo = authority
+        .rsplit_once('@')
+        .map(|(user, _)| format!("{user}@"))
+        .unwrap_or_default();
+    format!("{scheme}://{userinfo}{addr}{tail}")
+}
+
+/// `url` pointing at Redis database `db`.
+fn redis_db(url: &str, db: u32) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (rest, query) = rest.split_at(rest.find('?').unwrap_or(rest.len()));
+    let authority = rest.split('/').next().unwrap();
+    format!("{scheme}://{authority}/{db}{query}")
+}
+
+/// The Redis database index `url` names (0 when it names none).
+fn redis_index(url: &str) -> u32 {
+    let rest = url.split_once("://").unwrap().1;
+    let rest = rest.split('?').next().unwrap();
+    rest.split_once('/')
+        .and_then(|(_, db)| db.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn the_proxy_url_keeps_all_but_the_address() {
+    let addr: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+    assert_eq!(
+        through("redis://:secret@10.0.0.1:6379/3", addr),
+        "redis://:secret@127.0.0.1:4000/3"
+    );
+    assert_eq!(through("redis://10.0.0.1", addr), "redis://127.0.0.1:4000");
+    assert_eq!(
+        through("postgres://app:pw@db:5432/orders?sslmode=disable", addr),
+        "postgres://app:pw@127.0.0.1:4000/orders?sslmode=disable"
+    );
+    assert_eq!(redis_index("redis://h:1/3"), 3);
+    assert_eq!(redis_index("redis://h:1"), 0);
+    assert_eq!(
+        redis_db("redis://:pw@h:1/3?x=1", 0),
+        "redis://:pw@h:1/0?x=1"
+    );
+}
+
 // One test: the panic hook that tells injected panics from stray ones is
 // process-wide, so the two soaks run one after the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,7 +474,7 @@ async fn soak_two_instances_through_an_outage() {
 async fn soak_redis() {
     let Some(url) = url("REDIS_URL") else { return };
     let proxy = Proxy::start(upstream(&url, 6379)).await;
-    let via = format!("redis://{}", proxy.addr);
+    let via = through(&url, proxy.addr);
     let prefix = format!("soak:{}:", uuid::Uuid::new_v4().simple());
     let mut stores: Vec<Arc<dyn Store>> = Vec::new();
     for _ in 0..2 {
@@ -435,8 +485,31 @@ async fn soak_redis() {
         stores.push(Arc::new(store));
     }
     soak("redis", [stores[0].clone(), stores[1].clone()], &proxy).await;
+    // The records are in the database REDIS_URL names, and nowhere else.
+    let index = redis_index(&url);
+    assert!(
+        count(&url, &prefix).await > 0,
+        "no soak record in Redis database {index}"
+    );
+    for other in [0, 1].into_iter().filter(|db| *db != index) {
+        assert_eq!(
+            count(&redis_db(&url, other), &prefix).await,
+            0,
+            "soak records leaked into Redis database {other}, not the {index} of REDIS_URL"
+        );
+    }
     // Its records would stay for the 24-hour ttl, run after run.
     common::delete_prefix(&url, &prefix).await;
+    assert_eq!(count(&url, &prefix).await, 0, "soak records left behind");
+}
+
+async fn count(url: &str, prefix: &str) -> usize {
+    let mut conn = tower_idempotency::store::redis::driver::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    common::scan(&mut conn, prefix).await.len()
 }
 
 async fn soak_postgres() {
@@ -444,16 +517,7 @@ async fn soak_postgres() {
         return;
     };
     let proxy = Proxy::start(upstream(&url, 5432)).await;
-    let db = url.rsplit('/').next().unwrap_or("test").to_owned();
-    let user = url
-        .split("://")
-        .nth(1)
-        .unwrap()
-        .split('@')
-        .next()
-        .unwrap_or("postgres")
-        .to_owned();
-    let via = format!("postgres://{user}@{}/{db}", proxy.addr);
+    let via = through(&url, proxy.addr);
     let table = format!("soak_{}", uuid::Uuid::new_v4().simple());
     let mut stores: Vec<Arc<dyn Store>> = Vec::new();
     let mut first = None;
