@@ -15,8 +15,8 @@ mod common;
 
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
@@ -51,9 +51,8 @@ fn unique_table() -> String {
     common::unique_table("tidem")
 }
 
-/// Drops test tables left behind more than ten minutes ago (by runs that
-/// were interrupted, and by the conformance checks, which cannot clean up
-/// after themselves). Once per run.
+/// Drops test tables left behind more than ten minutes ago by runs that
+/// were interrupted. Once per run.
 async fn drop_stale_tables(pool: &MySqlPool) {
     static DONE: AtomicBool = AtomicBool::new(false);
     if DONE.swap(true, Ordering::SeqCst) {
@@ -96,38 +95,39 @@ async fn drop_table(store: &MySqlStore) {
         .unwrap();
 }
 
-/// For the conformance suites: one table for the whole run (every check
-/// uses random keys), each check with a pool of its own.
-async fn conformance_store(flavor: Option<Flavor>) -> Option<Arc<dyn Store>> {
-    static TABLE: OnceLock<String> = OnceLock::new();
+/// For the conformance suites: a table and a pool of its own per check,
+/// dropped by the teardown.
+async fn conformance_store(flavor: Option<Flavor>) -> Option<(Arc<dyn Store>, MySqlStore)> {
     let url = mysql_url()?;
     let pool = connect(&url).await;
     drop_stale_tables(&pool).await;
-    let mut store = MySqlStore::new(pool)
-        .with_table(TABLE.get_or_init(unique_table))
-        .unwrap();
+    let mut store = MySqlStore::new(pool).with_table(&unique_table()).unwrap();
     if let Some(flavor) = flavor {
         store = store.with_flavor(flavor);
     }
     store.migrate().await.unwrap();
-    Some(Arc::new(store))
+    Some((Arc::new(store.clone()), store))
 }
 
-async fn detected() -> Option<Arc<dyn Store>> {
+async fn detected() -> Option<(Arc<dyn Store>, MySqlStore)> {
     conformance_store(None).await
 }
 
 /// The MySQL 8 statements (no `RETURNING`), which MariaDB runs as well.
-async fn without_returning() -> Option<Arc<dyn Store>> {
+async fn without_returning() -> Option<(Arc<dyn Store>, MySqlStore)> {
     conformance_store(Some(Flavor::MySql)).await
 }
 
+async fn teardown(store: MySqlStore) {
+    drop_table(&store).await;
+}
+
 mod conformance {
-    tower_idempotency::store_conformance_tests!(super::detected);
+    tower_idempotency::store_conformance_tests!(super::detected, super::teardown);
 }
 
 mod conformance_without_returning {
-    tower_idempotency::store_conformance_tests!(super::without_returning);
+    tower_idempotency::store_conformance_tests!(super::without_returning, super::teardown);
 }
 
 async fn acquire(store: &MySqlStore, key: &StoreKey) -> LockToken {

@@ -139,6 +139,17 @@ async fn reset(env: &Env) {
         .unwrap();
 }
 
+/// At a test's end: no stream, no `charges` table, and no records table
+/// (the example's default, `public.idempotency_records`), so a run leaves
+/// nothing behind.
+async fn finish(env: &Env) {
+    reset(env).await;
+    sqlx::query("DROP TABLE IF EXISTS public.idempotency_records")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+}
+
 /// The stream as the example would create it, in memory, with this
 /// duplicate window.
 async fn create_stream(env: &Env, duplicate_window: Duration) -> stream::Stream {
@@ -535,6 +546,7 @@ async fn a_crash_around_the_commit_charges_once() {
 
     c.sigterm().await;
     assert!(c.wait_exit(Duration::from_secs(10)).await.success());
+    finish(&env).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -608,6 +620,7 @@ async fn a_slow_handler_is_not_redelivered() {
             .await
             .success()
     );
+    finish(&env).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -782,6 +795,7 @@ async fn two_consumers_with_errors_and_crashes_charge_each_message_once() {
             proc.name
         );
     }
+    finish(&env).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -879,6 +893,7 @@ async fn an_id_republished_after_the_duplicate_window_is_replayed() {
 
     p.sigterm().await;
     assert!(p.wait_exit(Duration::from_secs(10)).await.success());
+    finish(&env).await;
 }
 
 // ---------------------------------------------------------------------------
@@ -915,6 +930,9 @@ async fn non_transactional_stores_are_at_least_once_under_a_crash() {
         let (crashes, duplicates) = crash_the_example_on(&env, kind, &redis_url).await;
         eprintln!("[non-tx] store={kind} crashes={crashes} duplicates={duplicates}");
     }
+    finish(&env).await;
+    #[cfg(feature = "redis")]
+    common::delete_prefix(&redis_url, "examples-consumer:").await;
 }
 
 /// Publishes `NONTX_CRASHES` messages to the example on store `kind`, kills

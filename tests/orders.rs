@@ -142,9 +142,11 @@ async fn request(port: u16, raw: &str) -> Response {
 }
 
 /// Two instances, 100 concurrent requests with one key: one order. Then
-/// both stop, a third starts, and the same key replays that order.
-async fn one_order_across_instances_and_restarts(env: Vec<(&str, String)>) {
-    let key = format!("\"{}\"", uuid::Uuid::new_v4());
+/// both stop, a third starts, and the same key replays that order. Returns
+/// the idempotency key it used (without its quotes).
+async fn one_order_across_instances_and_restarts(env: Vec<(&str, String)>) -> String {
+    let id = uuid::Uuid::new_v4().to_string();
+    let key = format!("\"{id}\"");
     let (a, b) = (Orders::start(&env).await, Orders::start(&env).await);
     let (a, b) = (std::sync::Arc::new(a), std::sync::Arc::new(b));
     let mut tasks = Vec::new();
@@ -188,6 +190,44 @@ async fn one_order_across_instances_and_restarts(env: Vec<(&str, String)>) {
     let replay: serde_json::Value = serde_json::from_str(&res.body).unwrap();
     assert_eq!(replay, order, "the same order, byte for byte in JSON");
     assert!(c.orders().await.is_empty(), "the restart created an order");
+    id
+}
+
+/// Deletes the example's Redis record for the idempotency key `idem` (its
+/// default prefix, no scope), so a test run leaves nothing behind.
+#[cfg(feature = "redis")]
+async fn delete_record(url: &str, idem: &str) {
+    let client = tower_idempotency::store::redis::driver::Client::open(url).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let deleted: usize = tower_idempotency::store::redis::driver::cmd("DEL")
+        .arg(format!("idempotency:{{{}}}", common::store_key_hex(idem)))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1, "the record was not where the example keeps it");
+}
+
+/// Drops the example's records table (its default name) from the test
+/// database.
+#[cfg(feature = "postgres")]
+async fn drop_postgres_records(url: &str) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+    sqlx::query("DROP TABLE IF EXISTS idempotency_records")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+}
+
+/// The same for MariaDB.
+#[cfg(feature = "mysql")]
+async fn drop_mysql_records(url: &str) {
+    use sqlx::Connection;
+    let mut conn = sqlx::MySqlConnection::connect(url).await.unwrap();
+    sqlx::query("DROP TABLE IF EXISTS idempotency_records")
+        .execute(&mut conn)
+        .await
+        .unwrap();
 }
 
 #[cfg(feature = "postgres")]
@@ -196,7 +236,8 @@ async fn orders_on_postgres() {
     let Some(url) = common::backend(common::POSTGRES) else {
         return;
     };
-    one_order_across_instances_and_restarts(vec![("DATABASE_URL", url)]).await;
+    one_order_across_instances_and_restarts(vec![("DATABASE_URL", url.clone())]).await;
+    drop_postgres_records(&url).await;
 }
 
 #[cfg(feature = "mysql")]
@@ -206,8 +247,9 @@ async fn orders_on_mariadb() {
         return;
     };
     // The `mariadb://` scheme, as the example documents it.
-    let url = url.replacen("mysql://", "mariadb://", 1);
-    one_order_across_instances_and_restarts(vec![("DATABASE_URL", url)]).await;
+    let mariadb = url.replacen("mysql://", "mariadb://", 1);
+    one_order_across_instances_and_restarts(vec![("DATABASE_URL", mariadb)]).await;
+    drop_mysql_records(&url).await;
 }
 
 #[cfg(feature = "sqlite")]
@@ -227,7 +269,8 @@ async fn orders_on_redis() {
     let Some(url) = common::backend(common::REDIS) else {
         return;
     };
-    one_order_across_instances_and_restarts(vec![("REDIS_URL", url)]).await;
+    let idem = one_order_across_instances_and_restarts(vec![("REDIS_URL", url.clone())]).await;
+    delete_record(&url, &idem).await;
 }
 
 /// Started with `REDIS_URL` and `IDEMPOTENCY_RECORD_KEY`: Redis holds no
@@ -245,7 +288,8 @@ async fn orders_sealed_in_redis_keep_no_plaintext_and_no_other_callers_order() {
         ("IDEMPOTENCY_RECORD_KEY", secret),
     ])
     .await;
-    let key = format!("\"{}\"", uuid::Uuid::new_v4());
+    let idem = uuid::Uuid::new_v4().to_string();
+    let key = format!("\"{idem}\"");
     let res = orders.post_as(&key, Some("alice")).await;
     assert_eq!(res.status, 201, "{}", res.body);
     let order: serde_json::Value = serde_json::from_str(&res.body).unwrap();
@@ -279,6 +323,7 @@ async fn orders_sealed_in_redis_keep_no_plaintext_and_no_other_callers_order() {
             "the order is in Redis in plaintext under {k}"
         );
     }
+    delete_record(&url, &idem).await;
 }
 
 #[cfg(feature = "dynamodb")]

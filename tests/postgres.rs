@@ -13,8 +13,8 @@ mod common;
 
 use std::net::SocketAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
@@ -45,9 +45,8 @@ fn unique_table() -> String {
     common::unique_table("t")
 }
 
-/// Drops test tables left behind more than ten minutes ago (by runs that
-/// were interrupted, and by the conformance checks, which cannot clean up
-/// after themselves). Once per run.
+/// Drops test tables left behind more than ten minutes ago by runs that
+/// were interrupted. Once per run.
 async fn drop_stale_tables(pool: &PgPool) {
     static DONE: AtomicBool = AtomicBool::new(false);
     if DONE.swap(true, Ordering::SeqCst) {
@@ -81,24 +80,20 @@ async fn store_on(pool: PgPool) -> PostgresStore {
     store
 }
 
-/// For the conformance suite: one table for the whole run (every check
-/// uses random keys), each check with a pool of its own.
-async fn store() -> Option<Arc<dyn Store>> {
-    static TABLE: OnceLock<String> = OnceLock::new();
+/// For the conformance suite: a table and a pool of its own per check,
+/// dropped by the teardown.
+async fn store() -> Option<(Arc<dyn Store>, PostgresStore)> {
     let url = database_url()?;
-    let pool = connect(&url).await;
-    drop_stale_tables(&pool).await;
-    let store = PostgresStore::new(pool)
-        .with_schema(SCHEMA)
-        .unwrap()
-        .with_table(TABLE.get_or_init(unique_table))
-        .unwrap();
-    store.migrate().await.unwrap();
-    Some(Arc::new(store))
+    let store = store_on(connect(&url).await).await;
+    Some((Arc::new(store.clone()), store))
+}
+
+async fn teardown(store: PostgresStore) {
+    drop_table(&store).await;
 }
 
 mod conformance {
-    tower_idempotency::store_conformance_tests!(super::store);
+    tower_idempotency::store_conformance_tests!(super::store, super::teardown);
 }
 
 async fn drop_table(store: &PostgresStore) {

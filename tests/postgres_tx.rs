@@ -614,27 +614,37 @@ async fn acquire(
     }
 }
 
-/// For the shared conformance suite: one records table for the whole run
-/// (every check uses random keys), each check with a pool of its own. The
-/// store declares what differs in this mode (its `InFlight` cannot see the
-/// holder's fingerprint), and the suite checks that declaration too.
-async fn conformance_store() -> Option<Arc<dyn Store>> {
-    static TABLE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// For the shared conformance suite: a records table and a pool of its
+/// own per check, dropped by the teardown. The store declares what differs
+/// in this mode (its `InFlight` cannot see the holder's fingerprint), and
+/// the suite checks that declaration too.
+async fn conformance_store() -> Option<(Arc<dyn Store>, (PgPool, String))> {
     let url = database_url()?;
     // 64 concurrent begins: each briefly needs a connection of its own.
     let pool = connect(&url, 70).await;
     drop_stale_tables(&pool).await;
-    let store = TransactionalPostgresStore::new(pool)
+    let store = TransactionalPostgresStore::new(pool.clone())
         .with_schema(SCHEMA)
         .unwrap()
-        .with_table(TABLE.get_or_init(unique_table))
+        .with_table(&unique_table())
         .unwrap();
     store.migrate().await.unwrap();
-    Some(Arc::new(store))
+    let table = store.qualified_table().to_owned();
+    Some((Arc::new(store), (pool, table)))
+}
+
+async fn drop_conformance_table((pool, table): (PgPool, String)) {
+    sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
+        .execute(&pool)
+        .await
+        .unwrap();
 }
 
 mod conformance {
-    tower_idempotency::store_conformance_tests!(super::conformance_store);
+    tower_idempotency::store_conformance_tests!(
+        super::conformance_store,
+        super::drop_conformance_table
+    );
 }
 
 /// `InFlight` reports what this store really knows: the holder's

@@ -45,14 +45,21 @@ async fn store_on(url: &str) -> RedisStore {
         .with_prefix(unique_prefix())
 }
 
-/// For the conformance suite.
-async fn store() -> Option<Arc<dyn Store>> {
+/// For the conformance suite: a prefix of its own per check, whose keys
+/// the teardown deletes.
+async fn store() -> Option<(Arc<dyn Store>, (String, String))> {
     let url = redis_url()?;
-    Some(Arc::new(store_on(&url).await))
+    let store = store_on(&url).await;
+    let prefix = store.prefix().to_owned();
+    Some((Arc::new(store), (url, prefix)))
+}
+
+async fn delete_keys((url, prefix): (String, String)) {
+    common::delete_prefix(&url, &prefix).await;
 }
 
 mod conformance {
-    tower_idempotency::store_conformance_tests!(super::store);
+    tower_idempotency::store_conformance_tests!(super::store, super::delete_keys);
 }
 
 async fn raw(url: &str) -> driver::aio::MultiplexedConnection {

@@ -201,16 +201,21 @@ mod memory_conformance {
 mod redis_conformance {
     use super::*;
 
-    async fn make() -> Option<Arc<dyn Store>> {
+    async fn make() -> Option<(Arc<dyn Store>, (String, String))> {
         let url = common::backend(common::REDIS)?;
+        let prefix = format!("test:sealed:{}:", uuid::Uuid::new_v4().simple());
         let redis = tower_idempotency::store::redis::RedisStore::from_url(&url)
             .await
             .unwrap()
-            .with_prefix(format!("test:sealed:{}:", uuid::Uuid::new_v4().simple()));
-        Some(Arc::new(SealedStore::new(redis, key_a())))
+            .with_prefix(prefix.clone());
+        Some((Arc::new(SealedStore::new(redis, key_a())), (url, prefix)))
     }
 
-    tower_idempotency::store_conformance_tests!(make);
+    async fn delete_keys((url, prefix): (String, String)) {
+        common::delete_prefix(&url, &prefix).await;
+    }
+
+    tower_idempotency::store_conformance_tests!(make, delete_keys);
 }
 
 // 2. Nothing of the response at rest, on every store; the replay is exact.

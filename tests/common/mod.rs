@@ -396,9 +396,20 @@ pub fn unique_table(prefix: &str) -> String {
     format!("{prefix}_{}_{}", unix_secs(), &id[..16])
 }
 
+/// The hex of the store key the layer derives from the idempotency key
+/// `idem` on a request without a scope: where a store keeps its record.
+pub fn store_key_hex(idem: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"tower-idempotency/key/v1\0")
+        .chain_update([0])
+        .chain_update(idem.as_bytes())
+        .finalize();
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Whether a table named by [`unique_table`] was made more than ten
-/// minutes ago: left behind by an interrupted run, or by the conformance
-/// checks, which cannot clean up after themselves.
+/// minutes ago: left behind by an interrupted run.
 pub fn is_stale(table: &str) -> bool {
     let made: Option<u64> = table.split('_').nth(1).and_then(|s| s.parse().ok());
     made.is_some_and(|made| made + 600 < unix_secs())
