@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Prints, one line per item and sorted, what a test run could leave behind on
-# the local backing services: Redis keys per database, PostgreSQL and
+# the local backing services: Redis keys (per database), PostgreSQL and
 # MariaDB tables outside the system schemas, RabbitMQ queues, JetStream
 # streams kept on disk. .ci/run takes this inventory before and after the
 # test suite and fails when the second has anything the first had not.
 set -uo pipefail
 
 {
-  redis-cli -h 127.0.0.1 -p 6379 info keyspace 2>/dev/null | tr -d '\r' |
-    sed -n 's/^\(db[0-9]*\):keys=\([0-9]*\).*/redis \1 keys=\2/p'
+  for db in $(redis-cli -h 127.0.0.1 -p 6379 info keyspace 2>/dev/null | tr -d '\r' |
+      sed -n 's/^db\([0-9]*\):.*/\1/p'); do
+    redis-cli -h 127.0.0.1 -p 6379 -n "$db" --scan 2>/dev/null | sed "s/^/redis db$db /"
+  done
   psql -h 127.0.0.1 -U postgres -d test -Atqc \
     "SELECT 'postgres ' || schemaname || '.' || tablename FROM pg_tables
      WHERE schemaname NOT IN ('pg_catalog', 'information_schema')" 2>/dev/null

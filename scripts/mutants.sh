@@ -40,6 +40,6 @@ tests="${MUTANTS_TESTS:---lib --test layer --test faults --test body_mode --test
 exec cargo mutants "${filters[@]}" \
   --features "${MUTANTS_FEATURES:-test-util,axum,json,metrics,redis,postgres}" \
   --profile mutants \
-  --timeout "${MUTANTS_TIMEOUT:-180}" --build-timeout 900 \
+  --timeout "${MUTANTS_TIMEOUT:-180}" --build-timeout 900 --jobs "${MUTANTS_JOBS:-2}" \
   --output target/mutants \
   -- $tests

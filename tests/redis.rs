@@ -189,6 +189,7 @@ impl Drop for Server {
 async fn two_layers_share_one_redis() {
     let Some(url) = redis_url() else { return };
     let prefix = unique_prefix();
+    let _cleanup = common::DeleteOnDrop::new(&url, &prefix);
     let counter = Counter::default();
     let mut apps: Vec<Router> = Vec::new();
     for _ in 0..2 {
@@ -417,6 +418,7 @@ fn key_slot_matches_redis() {
 async fn one_redis_key_per_idempotency_key_in_the_slot_of_its_hash() {
     let Some(url) = redis_url() else { return };
     let store = store_on(&url).await;
+    let _cleanup = common::DeleteOnDrop::new(&url, store.prefix());
     let mut conn = raw(&url).await;
 
     let done = random_key();
@@ -466,6 +468,7 @@ async fn one_redis_key_per_idempotency_key_in_the_slot_of_its_hash() {
 async fn values_and_expiry_are_as_documented() {
     let Some(url) = redis_url() else { return };
     let store = store_on(&url).await;
+    let _cleanup = common::DeleteOnDrop::new(&url, store.prefix());
     let mut conn = raw(&url).await;
     let key = random_key();
     let rkey = store.redis_key(&key);
@@ -542,6 +545,7 @@ async fn values_and_expiry_are_as_documented() {
 async fn undecodable_values_are_errors_not_replays() {
     let Some(url) = redis_url() else { return };
     let store = store_on(&url).await;
+    let _cleanup = common::DeleteOnDrop::new(&url, store.prefix());
     let mut conn = raw(&url).await;
     let shared = conn.clone();
     let set = |key: String, value: Vec<u8>| {

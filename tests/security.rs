@@ -84,6 +84,7 @@ async fn redis_keeps_neither_key_nor_scope() {
         .await
         .unwrap()
         .with_prefix(prefix.clone());
+    let _cleanup = common::DeleteOnDrop::new(&url, &prefix);
     exercise(Arc::new(store.clone())).await;
 
     let client = tower_idempotency::store::redis::driver::Client::open(url.as_str()).unwrap();

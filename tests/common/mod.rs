@@ -303,6 +303,58 @@ pub async fn delete_prefix(url: &str, prefix: &str) {
     }
 }
 
+/// Deletes every Redis key under its prefix when dropped, so a test leaves
+/// nothing behind even when it fails. Synchronous (the redis crate's
+/// blocking connection), as `Drop` cannot wait on a future.
+#[cfg(feature = "redis")]
+pub struct DeleteOnDrop {
+    url: String,
+    prefix: String,
+}
+
+#[cfg(feature = "redis")]
+impl DeleteOnDrop {
+    pub fn new(url: &str, prefix: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            prefix: prefix.to_owned(),
+        }
+    }
+}
+
+#[cfg(feature = "redis")]
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        use tower_idempotency::store::redis::driver;
+        let Ok(client) = driver::Client::open(self.url.as_str()) else {
+            return;
+        };
+        let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(2)) else {
+            return;
+        };
+        let mut cursor = 0u64;
+        loop {
+            let Ok((next, keys)) = driver::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}*", self.prefix))
+                .arg("COUNT")
+                .arg(1000)
+                .query::<(u64, Vec<String>)>(&mut conn)
+            else {
+                return;
+            };
+            if !keys.is_empty() {
+                let _ = driver::cmd("DEL").arg(&keys).query::<usize>(&mut conn);
+            }
+            if next == 0 {
+                return;
+            }
+            cursor = next;
+        }
+    }
+}
+
 /// An example of this package, built once per test binary with the test
 /// binary's features (so that `cargo test` has usually built it already),
 /// next to this binary: `target/<profile>/examples/<name>`.
