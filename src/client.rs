@@ -107,7 +107,7 @@ use uuid::Uuid;
 use crate::key::IDEMPOTENCY_KEY;
 use crate::store::BoxError;
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+use crate::util::BoxFuture;
 
 #[derive(Debug, Clone)]
 struct ClientConfig {
@@ -124,7 +124,7 @@ impl Default for ClientConfig {
     fn default() -> Self {
         Self {
             header: IDEMPOTENCY_KEY,
-            methods: vec![Method::POST, Method::PATCH],
+            methods: crate::util::default_methods(),
             timeout: Duration::from_secs(10),
             base_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
@@ -136,7 +136,7 @@ impl Default for ClientConfig {
 
 impl ClientConfig {
     fn covers(&self, method: &Method) -> bool {
-        self.methods.iter().any(|m| m == method)
+        crate::util::covers(&self.methods, method)
     }
 }
 
@@ -565,7 +565,7 @@ where
                     tracing::debug!(
                         attempt,
                         status = res.status().as_u16(),
-                        delay_ms = millis(delay),
+                        delay_ms = crate::util::millis(delay),
                         retry_after = after.is_some(),
                         "retrying idempotent request"
                     );
@@ -581,7 +581,7 @@ where
                 tracing::debug!(
                     attempt,
                     error = %error,
-                    delay_ms = millis(delay),
+                    delay_ms = crate::util::millis(delay),
                     "retrying idempotent request"
                 );
                 delay
@@ -597,7 +597,7 @@ where
                 tracing::debug!(
                     attempt,
                     error = "timeout",
-                    delay_ms = millis(delay),
+                    delay_ms = crate::util::millis(delay),
                     "retrying idempotent request"
                 );
                 delay
@@ -626,10 +626,6 @@ where
 fn with_attempts<T>(mut res: Response<T>, count: u32, key: HeaderValue) -> Response<T> {
     res.extensions_mut().insert(Attempts { count, key });
     res
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A fresh UUID v4 as an sf-string: `"8e03978e-40d5-4c3a-…"`.

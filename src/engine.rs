@@ -32,12 +32,13 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::fingerprint::Fingerprint;
-use crate::future::{BoxFuture, CatchUnwind};
+use crate::future::CatchUnwind;
 use crate::observe::store_latency;
 use crate::record::Record;
 use crate::store::{
     Attachment, Begin, LockToken, Store, StoreError, StoreKey, log_store_error, retry_with_backoff,
 };
+use crate::util::BoxFuture;
 
 /// What a duplicate gets while the first request with its key still runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

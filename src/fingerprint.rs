@@ -40,12 +40,7 @@ impl fmt::Debug for Fingerprint {
 /// Lower-case hex of the first 8 bytes: enough to correlate log lines,
 /// useless for recovering what was hashed.
 pub(crate) fn hex_prefix(bytes: &[u8; 32]) -> String {
-    use fmt::Write;
-    let mut s = String::with_capacity(16);
-    for b in &bytes[..8] {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
+    crate::util::hex(&bytes[..8])
 }
 
 /// What the fingerprint covers.

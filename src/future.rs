@@ -14,8 +14,7 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 
 use crate::body::{BodyMode, ResponseBody, WrapBody};
-
-pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+use crate::util::BoxFuture;
 
 pin_project! {
     /// The response future of [`Idempotency`](crate::Idempotency).
@@ -23,6 +22,10 @@ pin_project! {
     /// A request the layer does not cover is the inner future, unboxed; a
     /// covered one is a boxed future that reads the body, consults the store
     /// and runs the handler.
+    ///
+    /// # Panics
+    ///
+    /// Like any future, it panics if polled again after it completed.
     pub struct ResponseFuture<F, B, E, M = WrapBody>
     where
         B: Body,
@@ -105,10 +108,10 @@ where
                 let res = ready!(fut.poll(cx))?;
                 Poll::Ready(Ok(res.map(M::passthrough)))
             }
-            KindProj::Ready { res } => match res.take() {
-                Some(res) => Poll::Ready(Ok((*res).map(M::wrap))),
-                None => Poll::Pending,
-            },
+            KindProj::Ready { res } => {
+                let res = res.take().expect("ResponseFuture polled after completion");
+                Poll::Ready(Ok((*res).map(M::wrap)))
+            }
             KindProj::Covered { fut } => {
                 let res = ready!(fut.poll(cx))?;
                 Poll::Ready(Ok(res.map(M::wrap)))
@@ -183,9 +186,10 @@ impl<T> Future for Detached<T> {
     type Output = T;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        let Some(fut) = self.fut.as_mut() else {
-            return Poll::Pending;
-        };
+        let fut = self
+            .fut
+            .as_mut()
+            .expect("ResponseFuture polled after completion");
         let out = ready!(fut.as_mut().poll(cx));
         self.fut = None;
         Poll::Ready(out)
@@ -197,5 +201,42 @@ impl<T> Drop for Detached<T> {
         if let Some(fut) = self.fut.take() {
             (self.spawn)(fut);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    use bytes::Bytes;
+    use http::Response;
+    use http_body_util::Full;
+
+    use super::*;
+
+    type Fut =
+        ResponseFuture<std::future::Ready<Result<Response<Full<Bytes>>, ()>>, Full<Bytes>, ()>;
+
+    #[test]
+    #[should_panic(expected = "polled after completion")]
+    fn a_ready_response_panics_when_polled_again() {
+        let res = Response::new(ResponseBody::full(Bytes::from_static(b"x"), None));
+        let mut fut = pin!(Fut::ready(res));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(matches!(fut.as_mut().poll(&mut cx), Poll::Ready(Ok(_))));
+        let _ = fut.as_mut().poll(&mut cx);
+    }
+
+    #[test]
+    #[should_panic(expected = "polled after completion")]
+    fn a_covered_response_panics_when_polled_again() {
+        let res = Response::new(ResponseBody::full(Bytes::from_static(b"x"), None));
+        let detached = Detached::new(Box::pin(async move { Ok(res) }));
+        let mut fut = pin!(Fut::covered(detached));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(matches!(fut.as_mut().poll(&mut cx), Poll::Ready(Ok(_))));
+        let _ = fut.as_mut().poll(&mut cx);
     }
 }

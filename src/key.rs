@@ -59,13 +59,7 @@ impl IdempotencyKey {
         h.update((label.len() as u64).to_be_bytes());
         h.update(label.as_bytes());
         h.update(self.0.as_bytes());
-        let digest = h.finalize();
-        let mut out = String::with_capacity(64);
-        for b in digest {
-            out.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
-            out.push(char::from_digit(u32::from(b & 0xf), 16).unwrap_or('0'));
-        }
-        out
+        crate::util::hex(&h.finalize())
     }
 }
 

@@ -81,7 +81,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             header: IDEMPOTENCY_KEY,
-            methods: vec![Method::POST, Method::PATCH],
+            methods: crate::util::default_methods(),
             require_key: false,
             min_key_len: 1,
             max_key_len: 255,
@@ -103,7 +103,7 @@ impl Default for Config {
 impl Config {
     #[inline]
     pub(crate) fn covers(&self, method: &Method) -> bool {
-        self.methods.iter().any(|m| m == method)
+        crate::util::covers(&self.methods, method)
     }
 
     /// SHA-256 of the scope and the key: what the store files under; and

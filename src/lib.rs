@@ -274,6 +274,7 @@ pub mod problem;
 pub mod record;
 mod service;
 pub mod store;
+mod util;
 
 #[cfg(any(test, feature = "test-util"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]

@@ -797,6 +797,10 @@ where
 }
 
 /// The response future of [`MessageService`].
+///
+/// # Panics
+///
+/// Like any future, it panics if polled again after it completed.
 pub struct MessageFuture<T, E> {
     kind: FutureKind<T, E>,
     _marker: PhantomData<fn() -> (T, E)>,
@@ -834,10 +838,9 @@ impl<T, E> Future for MessageFuture<T, E> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.get_mut().kind {
-            FutureKind::Ready(processed) => match processed.take() {
-                Some(processed) => Poll::Ready(Ok(processed)),
-                None => Poll::Pending,
-            },
+            FutureKind::Ready(processed) => Poll::Ready(Ok(processed
+                .take()
+                .expect("MessageFuture polled after completion"))),
             FutureKind::Running(fut) => Pin::new(fut).poll(cx),
         }
     }

@@ -66,7 +66,8 @@ pub enum RecordKind {
 
 /// A completed request: its fingerprint and the outcome to replay.
 ///
-/// Cloning is cheap: the body and the header lists are reference counted.
+/// Cloning copies the header list; the body and the trailers are reference
+/// counted.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Record {
     kind: RecordKind,
@@ -119,7 +120,7 @@ impl Record {
         Self {
             kind: RecordKind::Response,
             fingerprint,
-            created_at_ms: now_ms(),
+            created_at_ms: crate::util::unix_millis(),
             status,
             headers,
             trailers: None,
@@ -138,7 +139,7 @@ impl Record {
         Self {
             kind: RecordKind::Tombstone,
             fingerprint,
-            created_at_ms: now_ms(),
+            created_at_ms: crate::util::unix_millis(),
             status,
             headers,
             trailers: None,
@@ -163,7 +164,7 @@ impl Record {
         Self {
             kind: RecordKind::Value,
             fingerprint,
-            created_at_ms: now_ms(),
+            created_at_ms: crate::util::unix_millis(),
             status: StatusCode::OK,
             headers: Vec::new(),
             trailers: None,
@@ -221,20 +222,6 @@ impl Record {
     /// The recorded body, taking it out of the record.
     pub fn into_body(self) -> Bytes {
         self.body
-    }
-
-    /// An estimate of the memory this record occupies, used by stores that
-    /// bound themselves by bytes.
-    pub fn size_hint(&self) -> usize {
-        let fields = |list: &[(HeaderName, HeaderValue)]| {
-            list.iter()
-                .map(|(n, v)| n.as_str().len() + v.len() + 2 * std::mem::size_of::<usize>())
-                .sum::<usize>()
-        };
-        std::mem::size_of::<Self>()
-            + fields(&self.headers)
-            + fields(self.trailers())
-            + self.body.len()
     }
 
     /// Encodes the record in the versioned binary format described in the
@@ -372,13 +359,6 @@ fn checksum(bytes: &[u8]) -> [u8; CHECKSUM_LEN] {
 fn len_u32(len: usize) -> u32 {
     // Bodies are bounded by the layer's `max_response_body`, far below 4 GiB.
     u32::try_from(len).unwrap_or(u32::MAX)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 fn kind_from(byte: u8) -> Result<RecordKind, DecodeError> {

@@ -700,7 +700,7 @@ async fn a_wrong_key_fails_closed_and_logs_no_secret() {
     drop(guard);
 
     let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-    let prefix = http_store_key(&idem).log_id();
+    let prefix = http_store_key(&idem).to_string();
     assert!(logs.contains(&prefix), "the key's hash prefix: {logs}");
     assert!(
         logs.contains(&format!("{:08x}", key_a().id())),

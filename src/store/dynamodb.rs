@@ -174,7 +174,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::config::http::HttpResponse;
@@ -196,12 +196,14 @@ use bytes::Bytes;
 pub use aws_sdk_dynamodb as sdk;
 pub use aws_sdk_dynamodb::Client;
 
-use super::{Begin, Capabilities, LockToken, Store, StoreError, StoreKey, release_unanswered};
+use super::{
+    Begin, Capabilities, DEFAULT_TIMEOUT, LockToken, Store, StoreError, StoreKey,
+    release_unanswered,
+};
 use crate::fingerprint::Fingerprint;
 use crate::record::Record;
 
 const DEFAULT_PREFIX: &str = "idempotency:";
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 /// DynamoDB's item limit: 400 KB, attribute names included.
 const DEFAULT_MAX_ITEM_SIZE: usize = 400 * 1024;
 /// The least bound on [`DynamoDbStore::create_table`], which waits for
@@ -555,12 +557,12 @@ impl DynamoDbStore {
 
     /// The cutoff for "expired": now less the clock-skew margin.
     fn cutoff(&self) -> AttributeValue {
-        number(now_ms().saturating_sub(millis(self.skew_margin)))
+        number(crate::util::unix_millis().saturating_sub(millis(self.skew_margin)))
     }
 
     /// The two expiry attributes for an end `d` from now.
     fn expiry(&self, d: Duration) -> (AttributeValue, AttributeValue) {
-        let end_ms = now_ms().saturating_add(millis(d));
+        let end_ms = crate::util::unix_millis().saturating_add(millis(d));
         let ttl_secs = end_ms
             .saturating_add(millis(self.skew_margin))
             .div_ceil(1000);
@@ -626,15 +628,9 @@ fn bounded_client(client: &Client, timeout: Duration) -> Client {
     Client::from_conf(config)
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 /// Milliseconds, capped at about 1000 years.
 fn millis(d: Duration) -> u64 {
-    u64::try_from(d.min(MAX_EXPIRY).as_millis()).unwrap_or(u64::MAX)
+    crate::util::millis(d.min(MAX_EXPIRY))
 }
 
 fn number(n: u64) -> AttributeValue {
@@ -1011,7 +1007,7 @@ impl Store for DynamoDbStore {
                 Some(AttributeValue::N(n)) => n.parse::<u64>().ok(),
                 _ => None,
             };
-            let cutoff = now_ms().saturating_sub(millis(self.skew_margin));
+            let cutoff = crate::util::unix_millis().saturating_sub(millis(self.skew_margin));
             if expires.is_none_or(|e| e <= cutoff) {
                 return Ok(());
             }

@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::fingerprint::{Fingerprint, hex_prefix};
+use crate::fingerprint::Fingerprint;
 use crate::record::{DecodeError, Record};
 
 pub use crate::attachment::Attachment;
@@ -65,6 +65,18 @@ mod sql;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub mod sqlite;
+
+/// How long one call of a store on a server or a file may take before it
+/// fails with [`StoreError::Timeout`], unless its `with_timeout` says
+/// otherwise.
+#[cfg(any(
+    feature = "redis",
+    feature = "postgres",
+    feature = "mysql",
+    feature = "sqlite",
+    feature = "dynamodb"
+))]
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[cfg(feature = "dynamodb")]
 pub use dynamodb::DynamoDbStore;
@@ -111,18 +123,7 @@ impl StoreKey {
 
     /// Lower-case hex of all 32 bytes, for stores that key by text.
     pub fn to_hex(&self) -> String {
-        let mut s = String::with_capacity(64);
-        for b in self.0 {
-            s.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
-            s.push(char::from_digit(u32::from(b & 0xf), 16).unwrap_or('0'));
-        }
-        s
-    }
-
-    /// The first 16 hex characters: what log lines carry (also the
-    /// `Display` form).
-    pub fn log_id(&self) -> String {
-        hex_prefix(&self.0)
+        crate::util::hex(&self.0)
     }
 }
 
@@ -141,14 +142,11 @@ impl fmt::Debug for StoreKey {
     }
 }
 
-/// The first 16 hex characters, as [`log_id`](StoreKey::log_id) gives;
-/// formatting is deferred until a log line is actually written.
+/// The first 16 hex characters: what log lines carry (formatted only when
+/// a log line is actually written).
 impl fmt::Display for StoreKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in &self.0[..8] {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        crate::util::write_hex(f, &self.0[..8])
     }
 }
 
@@ -164,12 +162,13 @@ impl LockToken {
         Self(uuid::Uuid::new_v4().as_u128())
     }
 
-    /// Wraps a token a store read back.
+    /// Wraps a token a store's server made (a counter, a database
+    /// default), for a store that does not take [`LockToken::new`]'s.
     pub const fn from_u128(value: u128) -> Self {
         Self(value)
     }
 
-    /// The token as a number.
+    /// The token as a number, as [`from_u128`](Self::from_u128) takes it.
     pub const fn as_u128(&self) -> u128 {
         self.0
     }

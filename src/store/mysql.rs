@@ -115,7 +115,8 @@ use tokio::time::Instant;
 
 pub use sqlx::MySqlPool;
 
-use super::sql::{self, BEGIN_ATTEMPTS, DEFAULT_TIMEOUT, MAINTENANCE_TIMEOUT};
+use super::DEFAULT_TIMEOUT;
+use super::sql::{self, BEGIN_ATTEMPTS, MAINTENANCE_TIMEOUT};
 use super::{Begin, LockToken, Store, StoreError, StoreKey, Unsettled};
 use crate::fingerprint::Fingerprint;
 use crate::record::Record;

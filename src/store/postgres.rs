@@ -87,7 +87,8 @@
 //! [`StoreError::Unavailable`], a record that does not decode
 //! [`StoreError::Corrupt`], anything else [`StoreError::Backend`]. A call
 //! cut short by the bound may still have been applied by the server: a
-//! `begin` that took the lock then holds it until its lease ends.
+//! `begin` that took the lock then releases it as soon as its answer
+//! arrives.
 
 use std::fmt;
 use std::future::Future;
@@ -100,7 +101,8 @@ use tokio::time::Instant;
 
 pub use sqlx::PgPool;
 
-use super::sql::{self, BEGIN_ATTEMPTS, DEFAULT_TIMEOUT, MAINTENANCE_TIMEOUT};
+use super::DEFAULT_TIMEOUT;
+use super::sql::{self, BEGIN_ATTEMPTS, MAINTENANCE_TIMEOUT};
 use super::{Begin, LockToken, Store, StoreError, StoreKey, Unsettled};
 use crate::fingerprint::Fingerprint;
 use crate::record::Record;
@@ -228,7 +230,7 @@ fn index_name(table: &str) -> String {
     }
     use sha2::{Digest, Sha256};
     let hash = Sha256::digest(table.as_bytes());
-    let hex: String = hash[..4].iter().map(|b| format!("{b:02x}")).collect();
+    let hex = crate::util::hex(&hash[..4]);
     // Identifiers are ASCII: any byte index is a char boundary.
     let keep = 63 - SUFFIX.len() - hex.len() - 1;
     format!("{}_{hex}{SUFFIX}", &table[..keep])

@@ -80,7 +80,8 @@
 //! `READONLY`, `TRYAGAIN` and `CLUSTERDOWN` replies), a value that does not
 //! decode [`StoreError::Corrupt`], anything else [`StoreError::Backend`]. A
 //! call cut short by the bound may still have been applied by the server: a
-//! `begin` that took the lock then holds it until its lease ends.
+//! `begin` that took the lock then releases it as soon as its answer
+//! arrives.
 
 use std::fmt;
 use std::future::Future;
@@ -99,12 +100,11 @@ use bytes::{BufMut, Bytes};
 pub use ::redis as driver;
 pub use ::redis::aio::ConnectionManager;
 
-use super::{Begin, LockToken, Store, StoreError, StoreKey, Unsettled};
+use super::{Begin, DEFAULT_TIMEOUT, LockToken, Store, StoreError, StoreKey, Unsettled};
 use crate::fingerprint::Fingerprint;
 use crate::record::Record;
 
 const DEFAULT_PREFIX: &str = "idempotency:";
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 /// The bound on [`RedisStore::from_url`], connecting and loading the
 /// scripts included.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -363,9 +363,7 @@ impl ToRedisArgs for CompletedValue<'_> {
 /// Milliseconds for `PX` and `PEXPIRE`: at least 1, at most about a
 /// century.
 fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis())
-        .unwrap_or(u64::MAX)
-        .clamp(1, MAX_EXPIRY_MS)
+    crate::util::millis(d).clamp(1, MAX_EXPIRY_MS)
 }
 
 /// Reads the value `SET … NX GET` found.

@@ -20,9 +20,6 @@ use super::{Begin, LockToken, Store, StoreError, StoreKey, release_unanswered};
 use crate::fingerprint::Fingerprint;
 use crate::record::Record;
 
-/// The bound on every call of a SQL store unless its `with_timeout` says
-/// otherwise.
-pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 /// The least bound for `migrate` and `delete_expired`, which are not on a
 /// request's path.
 pub(crate) const MAINTENANCE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -164,7 +164,8 @@ use tokio::time::Instant;
 pub use sqlx::SqlitePool;
 pub use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 
-use super::sql::{self, DEFAULT_TIMEOUT, MAINTENANCE_TIMEOUT};
+use super::DEFAULT_TIMEOUT;
+use super::sql::{self, MAINTENANCE_TIMEOUT};
 use super::{Begin, LockToken, Store, StoreError, StoreKey, Unsettled};
 use crate::fingerprint::Fingerprint;
 use crate::record::Record;
