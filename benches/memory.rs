@@ -66,7 +66,7 @@ fn main() {
     rt.block_on(async {
         let n = 200_000usize;
         let body_len = 1024;
-        let store = Arc::new(MemoryStore::new().with_max_entries(4_000_000).with_max_bytes(8 << 30));
+        let store = Arc::new(MemoryStore::builder().max_entries(4_000_000).max_bytes(8 << 30).build());
         let fp = Fingerprint::from_bytes([7; 32]);
         let headers = vec![
             (HeaderName::from_static("content-type"), HeaderValue::from_static("application/json")),

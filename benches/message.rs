@@ -332,9 +332,10 @@ where
 /// bound (every insert evicts the oldest record) rather than measure
 /// fresh memory.
 fn memory_store() -> MemoryStore {
-    MemoryStore::new()
-        .with_max_entries(200_000)
-        .with_max_bytes(1 << 30)
+    MemoryStore::builder()
+        .max_entries(200_000)
+        .max_bytes(1 << 30)
+        .build()
 }
 
 const ROWS: [Row; 7] = [

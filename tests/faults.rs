@@ -161,7 +161,7 @@ async fn lapsed_holder_is_fenced_by_its_token_while_the_new_holder_runs() {
 /// memory stays bounded and live locks survive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_store_stays_bounded_under_a_million_keys() {
-    let store = MemoryStore::new().with_max_entries(100_000);
+    let store = MemoryStore::builder().max_entries(100_000).build();
     let fp = Fingerprint::from_bytes([7; 32]);
     let lease = Duration::from_secs(600);
     let ttl = Duration::from_secs(3600);

@@ -45,9 +45,10 @@ pub fn request(method: Method, key: &str, body: &Bytes) -> Request<Body> {
 /// The store every layer here uses: large enough to keep every record a
 /// run makes.
 pub fn store() -> MemoryStore {
-    MemoryStore::new()
-        .with_max_entries(2_000_000)
-        .with_max_bytes(4 << 30)
+    MemoryStore::builder()
+        .max_entries(2_000_000)
+        .max_bytes(4 << 30)
+        .build()
 }
 
 /// Sends `req` through `svc` and reads the whole response body.

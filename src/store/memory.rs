@@ -56,15 +56,18 @@ const SWEEP_PER_OP: usize = 8;
 /// Records live in this process only: for a service on more than one
 /// machine use a shared store.
 ///
-/// Cloning is cheap and shares the records.
+/// Cloning is cheap and shares the records. Its bounds are set when it is
+/// built, by [`MemoryStore::builder`], so no clone can differ from another:
 ///
 /// ```
 /// use tower_idempotency::MemoryStore;
 ///
-/// let store = MemoryStore::new()
-///     .with_max_entries(1_000_000)
-///     .with_max_bytes(512 * 1024 * 1024);
+/// let store = MemoryStore::builder()
+///     .max_entries(1_000_000)
+///     .max_bytes(512 * 1024 * 1024)
+///     .build();
 /// assert!(store.is_empty());
+/// assert_eq!(store.max_entries(), 1_000_000);
 /// ```
 #[derive(Clone)]
 pub struct MemoryStore {
@@ -192,10 +195,61 @@ fn spread(short: u32) -> u64 {
     u64::from(short).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
+/// Builds a [`MemoryStore`] with bounds other than the defaults.
+///
+/// ```
+/// use tower_idempotency::MemoryStore;
+///
+/// // A small store for a test that fills it.
+/// let store = MemoryStore::builder().max_entries(3).build();
+/// assert_eq!(store.max_entries(), 3);
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct MemoryStoreBuilder {
+    max_entries: usize,
+    max_bytes: usize,
+}
+
+impl MemoryStoreBuilder {
+    /// Bounds the number of entries (locks and records); at least 1.
+    /// Default 100,000.
+    pub fn max_entries(mut self, max_entries: usize) -> Self {
+        self.max_entries = max_entries;
+        self
+    }
+
+    /// Bounds the bytes the records occupy (bodies, headers, and a fixed
+    /// overhead per entry); at least 1. Default 256 MiB.
+    pub fn max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// The store.
+    pub fn build(self) -> MemoryStore {
+        MemoryStore::with_limits(self.max_entries, self.max_bytes)
+    }
+}
+
+impl Default for MemoryStoreBuilder {
+    fn default() -> Self {
+        Self {
+            max_entries: 100_000,
+            max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
 impl MemoryStore {
     /// A store bounded to 100,000 entries and 256 MiB.
     pub fn new() -> Self {
-        Self::with_limits(100_000, 256 * 1024 * 1024)
+        Self::builder().build()
+    }
+
+    /// A builder for a store with other bounds.
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder::default()
     }
 
     fn with_limits(max_entries: usize, max_bytes: usize) -> Self {
@@ -222,17 +276,14 @@ impl MemoryStore {
         }
     }
 
-    /// Bounds the number of entries (locks and records). Default 100,000.
-    #[must_use]
-    pub fn with_max_entries(self, max_entries: usize) -> Self {
-        Self::with_limits(max_entries, self.inner.max_bytes)
+    /// The bound on entries it was built with.
+    pub fn max_entries(&self) -> usize {
+        self.inner.max_entries
     }
 
-    /// Bounds the bytes the records occupy (bodies, headers, and a fixed
-    /// overhead per entry). Default 256 MiB.
-    #[must_use]
-    pub fn with_max_bytes(self, max_bytes: usize) -> Self {
-        Self::with_limits(self.inner.max_entries, max_bytes)
+    /// The bound on bytes it was built with.
+    pub fn max_bytes(&self) -> usize {
+        self.inner.max_bytes
     }
 
     /// How many entries (live or expired but not yet swept) the store holds.
@@ -245,7 +296,7 @@ impl MemoryStore {
         self.len() == 0
     }
 
-    /// The bytes charged against [`with_max_bytes`](Self::with_max_bytes).
+    /// The bytes charged against [`max_bytes`](MemoryStoreBuilder::max_bytes).
     pub fn bytes(&self) -> usize {
         self.inner.shards.iter().map(|s| lock(s).bytes).sum()
     }
@@ -645,7 +696,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn capacity_evicts_completed_records_and_never_live_locks() {
-        let store = MemoryStore::new().with_max_entries(10);
+        let store = MemoryStore::builder().max_entries(10).build();
         // Five live locks.
         let mut live = Vec::new();
         for n in 0..5 {
@@ -665,7 +716,7 @@ mod tests {
             );
         }
         // Only live locks left and full: a new lock is refused, not forced in.
-        let store = MemoryStore::new().with_max_entries(2);
+        let store = MemoryStore::builder().max_entries(2).build();
         acquire(&store, &key(1)).await;
         acquire(&store, &key(2)).await;
         assert!(matches!(
@@ -711,7 +762,7 @@ mod tests {
     /// entry's tag must not make the newer record look oldest.
     #[tokio::test(start_paused = true)]
     async fn eviction_is_oldest_first_across_slot_reuse() {
-        let store = MemoryStore::new().with_max_entries(3);
+        let store = MemoryStore::builder().max_entries(3).build();
         // A live lock at the front keeps the queue from being swept.
         acquire(&store, &key(1)).await;
         let gone = acquire(&store, &key(2)).await;
@@ -736,7 +787,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn byte_bound_holds() {
-        let store = MemoryStore::new().with_max_bytes(64 * 1024);
+        let store = MemoryStore::builder().max_bytes(64 * 1024).build();
         for n in 0..100 {
             let t = acquire(&store, &key(n)).await;
             store
@@ -821,7 +872,7 @@ mod tests {
             Held(LockToken, u8),
             Done(u8),
         }
-        let store = MemoryStore::new().with_max_entries(max_entries);
+        let store = MemoryStore::builder().max_entries(max_entries).build();
         let evicts = max_entries < 12;
         let mut model: HashMap<u32, (M, Instant)> = HashMap::new();
         let mut tokens: Vec<(u32, LockToken)> = Vec::new();

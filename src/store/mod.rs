@@ -80,7 +80,7 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[cfg(feature = "dynamodb")]
 pub use dynamodb::DynamoDbStore;
-pub use memory::MemoryStore;
+pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(feature = "mysql")]
 pub use mysql::MySqlStore;
 #[cfg(feature = "postgres")]

@@ -178,6 +178,11 @@ struct Entry {
 #[derive(Default)]
 struct Open {
     entries: Mutex<HashMap<LockToken, Entry>>,
+    /// No lease ends before this: until then `begin` has nothing to purge
+    /// and does not scan. Lowered by every new entry; raised only by a
+    /// scan (an extension or a completion leaves it early, which costs
+    /// one scan that finds nothing).
+    next_end: Mutex<Option<Instant>>,
 }
 
 impl Open {
@@ -185,6 +190,36 @@ impl Open {
         // The map stays consistent whatever panicked: every change is one
         // insert or remove.
         self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn next_end(&self) -> MutexGuard<'_, Option<Instant>> {
+        self.next_end.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn insert(&self, token: LockToken, entry: Entry) {
+        if let Some(end) = entry.lease_end {
+            let mut next = self.next_end();
+            *next = Some(next.map_or(end, |next| next.min(end)));
+        }
+        self.lock().insert(token, entry);
+    }
+
+    /// Removes and returns the entries whose lease ended by `now`, without
+    /// a scan while no lease can have ended.
+    fn take_ended(&self, now: Instant) -> Vec<Entry> {
+        if self.next_end().is_none_or(|end| end > now) {
+            return Vec::new();
+        }
+        let mut open = self.lock();
+        let ended = |e: &Entry| e.lease_end.is_some_and(|end| end <= now);
+        let tokens: Vec<LockToken> = open
+            .iter()
+            .filter(|(_, e)| ended(e))
+            .map(|(t, _)| *t)
+            .collect();
+        let taken = tokens.iter().filter_map(|t| open.remove(t)).collect();
+        *self.next_end() = open.values().filter_map(|e| e.lease_end).min();
+        taken
     }
 }
 
@@ -308,15 +343,17 @@ impl TransactionalPostgresStore {
     }
 
     /// Uses the schema `name` (default `public`), as
-    /// [`PostgresStore::with_schema`] does. Call it before the store is in
-    /// use.
+    /// [`PostgresStore::with_schema`] does. The result is a store on
+    /// another table: transactions opened through `self` belong to `self`
+    /// and its clones, which keep them, and are never seen through it.
     pub fn with_schema(self, name: &str) -> Result<Self, StoreError> {
         Ok(Self::from(self.pg.with_schema(name)?))
     }
 
     /// Uses the table `name` (default `idempotency_records`), as
-    /// [`PostgresStore::with_table`] does. Call it before the store is in
-    /// use.
+    /// [`PostgresStore::with_table`] does. As with
+    /// [`with_schema`](Self::with_schema), the result is a store on another
+    /// table, with no open transaction of `self`'s.
     pub fn with_table(self, name: &str) -> Result<Self, StoreError> {
         Ok(Self::from(self.pg.with_table(name)?))
     }
@@ -391,21 +428,7 @@ impl TransactionalPostgresStore {
     /// `release`: their request was dropped (its runtime shut down, say)
     /// while this store lives on. Their keys are free once this returns.
     async fn purge_abandoned(&self) {
-        let now = Instant::now();
-        let abandoned: Vec<Entry> = {
-            let mut open = self.open.lock();
-            let ended = |e: &Entry| e.lease_end.is_some_and(|end| end <= now);
-            if !open.values().any(ended) {
-                return;
-            }
-            let tokens: Vec<LockToken> = open
-                .iter()
-                .filter(|(_, e)| ended(e))
-                .map(|(t, _)| *t)
-                .collect();
-            tokens.iter().filter_map(|t| open.remove(t)).collect()
-        };
-        for entry in abandoned {
+        for entry in self.open.take_ended(Instant::now()) {
             tracing::warn!(
                 key = %entry.key,
                 "idempotency transaction abandoned past its lease; rolling it back"
@@ -480,7 +503,7 @@ impl Store for TransactionalPostgresStore {
             lease_end: Instant::now().checked_add(lease),
             slot: Arc::new(AsyncMutex::new(Some(tx))),
         };
-        self.open.lock().insert(token, entry);
+        self.open.insert(token, entry);
         Ok(Begin::Acquired(token))
     }
 

@@ -130,9 +130,10 @@ impl Kind {
 }
 
 fn ours() -> tower_idempotency::IdempotencyLayer {
-    let store = tower_idempotency::MemoryStore::new()
-        .with_max_entries(2_000_000)
-        .with_max_bytes(4 << 30);
+    let store = tower_idempotency::MemoryStore::builder()
+        .max_entries(2_000_000)
+        .max_bytes(4 << 30)
+        .build();
     tower_idempotency::IdempotencyLayer::new(store)
 }
 

@@ -131,9 +131,10 @@ async fn store(
     match mode {
         Mode::Bare => Ok((None, None)),
         Mode::Memory => {
-            let store = MemoryStore::new()
-                .with_max_entries(max_entries)
-                .with_max_bytes(4 << 30);
+            let store = MemoryStore::builder()
+                .max_entries(max_entries)
+                .max_bytes(4 << 30)
+                .build();
             Ok((Some(Arc::new(store.clone())), Some(store)))
         }
         Mode::Redis => redis_store().await.map(|s| (Some(s), None)),
