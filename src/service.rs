@@ -4,6 +4,7 @@ use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, header};
@@ -66,20 +67,33 @@ impl<S, M> Idempotency<S, M> {
     define_inner_service_accessors!();
 }
 
+/// The outcome a rejection stands for, in the span, the metrics and the
+/// response's extensions.
+fn outcome_of(rejection: &Rejection) -> Outcome {
+    match rejection {
+        Rejection::KeyMissing
+        | Rejection::KeyInvalid(_)
+        | Rejection::BodyUnreadable
+        | Rejection::BodyTooLarge { .. } => Outcome::Rejected,
+        Rejection::KeyReused => Outcome::Mismatch,
+        Rejection::InFlight { .. } => Outcome::Conflict,
+        Rejection::ResponseNotStored { .. } => Outcome::Tombstone,
+        Rejection::HandlerPanicked => Outcome::Released,
+        Rejection::StoreUnavailable { .. } => Outcome::StoreError,
+    }
+}
+
 /// The layer's own answer: the problem document, with a fresh `instance`
 /// that the log line carries too, so an operator can find the occurrence a
 /// client reports.
-fn reject<B: Body>(
-    problems: &ProblemDocs,
-    rejection: Rejection,
-    outcome: Outcome,
-) -> Response<ResponseBody<B>> {
+fn reject<B: Body>(problems: &ProblemDocs, rejection: Rejection) -> Response<ResponseBody<B>> {
     let instance = crate::problem::new_instance();
+    let outcome = outcome_of(&rejection);
     if matches!(rejection, Rejection::InFlight { .. }) {
         // Routine under retries: not worth a line each at info.
-        tracing::debug!(instance = %instance, status = rejection.status().as_u16(), problem = rejection.type_suffix(), "idempotency rejection");
+        tracing::debug!(instance = %instance, outcome = outcome.as_str(), status = rejection.status().as_u16(), problem = rejection.type_suffix(), "idempotency rejection");
     } else {
-        tracing::info!(instance = %instance, status = rejection.status().as_u16(), problem = rejection.type_suffix(), "idempotency rejection");
+        tracing::info!(instance = %instance, outcome = outcome.as_str(), status = rejection.status().as_u16(), problem = rejection.type_suffix(), "idempotency rejection");
     }
     let res = rejection
         .to_response_with(problems, &instance)
@@ -119,68 +133,65 @@ where
             config.min_key_len,
             config.max_key_len,
         ) {
-            Ok(key) => key,
+            Ok(key) => Ok(key),
             Err(KeyError::Missing) if !config.require_key => {
                 return ResponseFuture::passthrough(self.inner.call(req));
             }
-            Err(KeyError::Missing) => {
-                tracing::debug!(outcome = "rejected", reason = "key-missing");
-                return ResponseFuture::ready(reject(
-                    &config.problems,
-                    Rejection::KeyMissing,
-                    Outcome::Rejected,
-                ));
-            }
-            Err(e) => {
-                tracing::debug!(outcome = "rejected", reason = "key-invalid", error = %e);
-                return ResponseFuture::ready(reject(
-                    &config.problems,
-                    Rejection::KeyInvalid(e),
-                    Outcome::Rejected,
-                ));
-            }
+            Err(KeyError::Missing) => Err(Rejection::KeyMissing),
+            Err(e) => Err(Rejection::KeyInvalid(e)),
         };
+        // Every covered request has its span from here on: its outcome is
+        // recorded there, whether it is refused now or runs.
+        let span = tracing::info_span!(
+            "idempotency",
+            key = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            status = tracing::field::Empty,
+            store_us = tracing::field::Empty,
+        );
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|len| len > config.max_request_body as u64) {
-            tracing::debug!(outcome = "rejected", reason = "body-too-large");
-            return ResponseFuture::ready(reject(
-                &config.problems,
-                Rejection::BodyTooLarge {
-                    limit: config.max_request_body,
-                },
-                Outcome::Rejected,
-            ));
-        }
+        let key = key.and_then(|key| match declared {
+            Some(len) if len > config.max_request_body as u64 => Err(Rejection::BodyTooLarge {
+                limit: config.max_request_body,
+            }),
+            _ => Ok(key),
+        });
+        let key = match key {
+            Ok(key) => key,
+            Err(rejection) => {
+                return ResponseFuture::ready(
+                    span.in_scope(|| reject(&config.problems, rejection)),
+                );
+            }
+        };
         // The clone is not ready; the ready one goes with this request
         // (tower-service docs, "Be careful when cloning inner services").
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let ctx = Ctx(self.shared.clone());
+        let run = self.shared.clone().run(inner, req, key).instrument(span);
         // The whole covered path is detached from the connection: once the
         // lock is taken it must be completed or released, whoever waits.
-        ResponseFuture::covered(Detached::new(Box::pin(ctx.run(inner, req, key))))
+        ResponseFuture::covered(Detached::new(Box::pin(run)))
     }
 }
 
-/// What one covered request needs from the service.
-#[derive(Clone)]
-struct Ctx(Arc<Shared>);
-
-impl std::ops::Deref for Ctx {
-    type Target = Shared;
-
-    fn deref(&self) -> &Shared {
-        &self.0
-    }
+/// What the response's [`Retention`] (or the layer's policy) asks for.
+enum Keep {
+    /// Record it, for this long.
+    For(Duration),
+    /// Do not record it: release the key.
+    No,
 }
 
-impl Ctx {
+impl Shared {
+    /// One covered request, in its span: the body read and fingerprinted,
+    /// the store consulted, and the handler run or the record replayed.
     async fn run<S, ReqBody, ResBody>(
-        self,
-        inner: S,
+        self: Arc<Self>,
+        mut inner: S,
         req: Request<ReqBody>,
         key: IdempotencyKey,
     ) -> Result<Response<ResponseBody<ResBody>>, S::Error>
@@ -195,6 +206,7 @@ impl Ctx {
     {
         let (mut parts, body) = req.into_parts();
         let (store_key, scoped) = self.config.store_key(&parts, &key);
+        tracing::Span::current().record("key", tracing::field::display(&store_key));
         let credentials = self
             .config
             .credentials(&parts, scoped)
@@ -217,23 +229,10 @@ impl Ctx {
         {
             Collected::Full { data, .. } => data,
             Collected::TooLarge { .. } => {
-                tracing::debug!(key = %store_key, outcome = "rejected", reason = "body-too-large");
-                return Ok(reject(
-                    &self.config.problems,
-                    Rejection::BodyTooLarge {
-                        limit: self.config.max_request_body,
-                    },
-                    Outcome::Rejected,
-                ));
+                let limit = self.config.max_request_body;
+                return Ok(self.reject(Rejection::BodyTooLarge { limit }));
             }
-            Collected::Failed { .. } => {
-                tracing::debug!(key = %store_key, outcome = "rejected", reason = "body-unreadable");
-                return Ok(reject(
-                    &self.config.problems,
-                    Rejection::BodyUnreadable,
-                    Outcome::Rejected,
-                ));
-            }
+            Collected::Failed { .. } => return Ok(self.reject(Rejection::BodyUnreadable)),
         };
         if self.config.fingerprint.covers_body() && !streams_body {
             fingerprinter.update(&self.config.fingerprint.json_body(&bytes));
@@ -241,49 +240,16 @@ impl Ctx {
         let fingerprint = fingerprinter.finish();
         parts.extensions.insert(key);
         let req = Request::from_parts(parts, ReqBody::from(bytes));
-        let span = tracing::info_span!(
-            "idempotency",
-            key = %store_key,
-            outcome = tracing::field::Empty,
-            status = tracing::field::Empty,
-            store_us = tracing::field::Empty,
-        );
-        self.decide(inner, req, store_key, fingerprint)
-            .instrument(span)
-            .await
-    }
-
-    async fn decide<S, ReqBody, ResBody>(
-        self,
-        mut inner: S,
-        req: Request<ReqBody>,
-        key: StoreKey,
-        fingerprint: Fingerprint,
-    ) -> Result<Response<ResponseBody<ResBody>>, S::Error>
-    where
-        S: Service<Request<ReqBody>, Response = Response<ResBody>> + Send + 'static,
-        S::Future: Send + 'static,
-        ResBody: Body + Send + 'static,
-    {
         let retry_after = self.config.retry_after;
-        match self.engine.acquire(&key, &fingerprint).await {
-            Acquired::Lock(token) => self.execute(inner, req, key, token, fingerprint).await,
+        match self.engine.acquire(&store_key, &fingerprint).await {
+            Acquired::Lock(token) => {
+                self.execute(inner, req, store_key, token, fingerprint)
+                    .await
+            }
             Acquired::Replay(record) => Ok(self.replay(record)),
-            Acquired::Mismatch => Ok(reject(
-                &self.config.problems,
-                Rejection::KeyReused,
-                Outcome::Mismatch,
-            )),
-            Acquired::InFlight => Ok(reject(
-                &self.config.problems,
-                Rejection::InFlight { retry_after },
-                Outcome::Conflict,
-            )),
-            Acquired::Failed(_) => Ok(reject(
-                &self.config.problems,
-                Rejection::StoreUnavailable { retry_after },
-                Outcome::StoreError,
-            )),
+            Acquired::Mismatch => Ok(self.reject(Rejection::KeyReused)),
+            Acquired::InFlight => Ok(self.reject(Rejection::InFlight { retry_after })),
+            Acquired::Failed(_) => Ok(self.reject(Rejection::StoreUnavailable { retry_after })),
             Acquired::FailOpen => {
                 let res = inner.call(req).await?;
                 Ok(mark(res.map(ResponseBody::stream), Outcome::FailedOpen))
@@ -291,10 +257,16 @@ impl Ctx {
         }
     }
 
+    fn reject<B: Body>(&self, rejection: Rejection) -> Response<ResponseBody<B>> {
+        reject(&self.config.problems, rejection)
+    }
+
+    /// Runs the handler under the lock, then records its response or
+    /// releases the key.
     async fn execute<S, ReqBody, ResBody>(
-        self,
+        &self,
         mut inner: S,
-        req: Request<ReqBody>,
+        mut req: Request<ReqBody>,
         key: StoreKey,
         token: LockToken,
         fingerprint: Fingerprint,
@@ -303,7 +275,6 @@ impl Ctx {
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
         ResBody: Body,
     {
-        let mut req = req;
         if let Some(attachment) = self.engine.attachment(&key, &token) {
             attachment.insert_into(req.extensions_mut());
         }
@@ -313,16 +284,12 @@ impl Ctx {
             .await
         {
             Executed::Panicked => {
-                tracing::error!(key = %key, outcome = "released", "handler panicked; the key is released");
+                tracing::error!(key = %key, "handler panicked; the key is released");
                 self.engine.release(&key, &token).await;
-                return Ok(reject(
-                    &self.config.problems,
-                    Rejection::HandlerPanicked,
-                    Outcome::Released,
-                ));
+                return Ok(self.reject(Rejection::HandlerPanicked));
             }
             Executed::Done { output: Err(e), .. } => {
-                tracing::debug!(key = %key, outcome = "released", "handler failed; the key is released");
+                tracing::debug!(key = %key, outcome = Outcome::Released.as_str(), "handler failed; the key is released");
                 self.engine.release(&key, &token).await;
                 return Err(e);
             }
@@ -331,26 +298,60 @@ impl Ctx {
             } => res,
         };
         let (parts, body) = res.into_parts();
-        let default_ttl = self.engine.settings.ttl;
-        let (record, ttl) = match parts.extensions.get::<Retention>() {
-            Some(Retention::DoNotRecord) => (false, default_ttl),
-            Some(Retention::Record) => (true, default_ttl),
-            Some(Retention::RecordFor(ttl)) => (true, *ttl),
-            None => ((self.config.record_if)(parts.status), default_ttl),
-        };
-        if !record {
-            tracing::debug!(key = %key, status = parts.status.as_u16(), outcome = "released", "response not recorded");
-            self.engine.release(&key, &token).await;
-            let res = Response::from_parts(parts, ResponseBody::stream(body));
-            return Ok(mark(res, Outcome::Released));
+        Ok(match self.keep(&parts) {
+            Keep::No => {
+                let res = Response::from_parts(parts, ResponseBody::stream(body));
+                self.release(&key, &token, res, "response not recorded")
+                    .await
+            }
+            Keep::For(ttl) => self.record(key, token, fingerprint, parts, body, ttl).await,
+        })
+    }
+
+    /// Whether and how long to keep the handler's response.
+    fn keep(&self, parts: &http::response::Parts) -> Keep {
+        let ttl = self.engine.settings.ttl;
+        match parts.extensions.get::<Retention>() {
+            Some(Retention::DoNotRecord) => Keep::No,
+            Some(Retention::Record) => Keep::For(ttl),
+            Some(Retention::RecordFor(ttl)) => Keep::For(*ttl),
+            None if (self.config.record_if)(parts.status) => Keep::For(ttl),
+            None => Keep::No,
         }
+    }
+
+    /// Releases the key and answers `res` as it is, unrecorded.
+    async fn release<B>(
+        &self,
+        key: &StoreKey,
+        token: &LockToken,
+        res: Response<B>,
+        why: &'static str,
+    ) -> Response<B> {
+        tracing::debug!(key = %key, status = res.status().as_u16(), outcome = Outcome::Released.as_str(), "{why}; the key is released");
+        self.engine.release(key, token).await;
+        mark(res, Outcome::Released)
+    }
+
+    /// Reads the response body (the lease kept alive meanwhile), writes
+    /// the record (or, past the size limit, a tombstone), and answers the
+    /// client with the whole body either way.
+    async fn record<ResBody: Body>(
+        &self,
+        key: StoreKey,
+        token: LockToken,
+        fingerprint: Fingerprint,
+        parts: http::response::Parts,
+        body: ResBody,
+        ttl: Duration,
+    ) -> Response<ResponseBody<ResBody>> {
+        let headers = self.recordable(&parts.headers);
         // A store that holds records up to a size (DynamoDB's item limit)
         // lowers the body limit by what the record adds around the body.
         let store_limit = self.engine.store.capabilities().max_record_size();
         let body_limit = match store_limit {
             Some(max) => {
-                let around =
-                    Record::tombstone(fingerprint, parts.status, self.recordable(&parts.headers));
+                let around = Record::tombstone(fingerprint, parts.status, headers.clone());
                 max.saturating_sub(around.encode().len())
                     .min(self.config.max_response_body)
             }
@@ -358,98 +359,56 @@ impl Ctx {
         };
         let collecting = std::pin::pin!(collect(Box::pin(body), body_limit, |_| {}));
         let (collected, _) = self.engine.heartbeat(&key, &token, collecting, None).await;
-        match collected {
-            // Trailers, known only now, may still push the record past the
-            // store's limit: a tombstone then, and the client gets the body.
-            Collected::Full { data, trailers }
-                if trailers.is_some()
-                    && store_limit.is_some_and(|max| {
-                        let around = Record::tombstone(
-                            fingerprint,
-                            parts.status,
-                            self.recordable(&parts.headers),
-                        )
-                        .with_trailers(trailers.as_ref().map(fields).unwrap_or_default());
-                        around.encode().len() + data.len() > max
-                    }) =>
-            {
-                let record =
-                    Record::tombstone(fingerprint, parts.status, self.recordable(&parts.headers));
-                if let Some(res) =
-                    self.rolled_back(self.engine.complete(key, token, &record, ttl).await)
-                {
-                    return Ok(res);
-                }
-                tracing::warn!(key = %key, status = parts.status.as_u16(), outcome = "tombstone",
-                    limit = body_limit, "response too large to record; retries get a 410");
-                let res = Response::from_parts(parts, ResponseBody::full(data, trailers));
-                Ok(mark(res, Outcome::Tombstone))
-            }
+        let (record, answer) = match collected {
             Collected::Full { data, trailers } => {
-                // The body goes into the record and comes back out of it
-                // for the client: a store copies what it keeps.
-                let record = Record::response(
-                    fingerprint,
-                    parts.status,
-                    self.recordable(&parts.headers),
-                    data,
-                )
-                .with_trailers(trailers.as_ref().map(fields).unwrap_or_default());
-                if let Some(res) =
-                    self.rolled_back(self.engine.complete(key, token, &record, ttl).await)
+                let record = Record::response(fingerprint, parts.status, headers, data.clone())
+                    .with_trailers(trailers.as_ref().map(fields).unwrap_or_default());
+                // Trailers, known only now, may still push the record past
+                // the store's limit: a tombstone then, and the client gets
+                // the body.
+                let record = if trailers.is_some()
+                    && store_limit.is_some_and(|max| record.encode().len() > max)
                 {
-                    return Ok(res);
-                }
-                tracing::debug!(key = %key, status = parts.status.as_u16(), outcome = "executed");
-                let res =
-                    Response::from_parts(parts, ResponseBody::full(record.into_body(), trailers));
-                Ok(mark(res, Outcome::Executed))
+                    Record::tombstone(fingerprint, parts.status, record.headers().to_vec())
+                } else {
+                    record
+                };
+                (record, ResponseBody::full(data, trailers))
             }
-            Collected::TooLarge { prefix, rest } => {
-                let record =
-                    Record::tombstone(fingerprint, parts.status, self.recordable(&parts.headers));
-                if let Some(res) =
-                    self.rolled_back(self.engine.complete(key, token, &record, ttl).await)
-                {
-                    return Ok(res);
-                }
-                tracing::warn!(key = %key, status = parts.status.as_u16(), outcome = "tombstone",
-                    limit = body_limit, "response too large to record; retries get a 410");
-                let res = Response::from_parts(parts, ResponseBody::chain(prefix, rest));
-                Ok(mark(res, Outcome::Tombstone))
-            }
+            Collected::TooLarge { prefix, rest } => (
+                Record::tombstone(fingerprint, parts.status, headers),
+                ResponseBody::chain(prefix, rest),
+            ),
             Collected::Failed { error } => {
-                tracing::debug!(key = %key, outcome = "released", "response body failed; the key is released");
-                self.engine.release(&key, &token).await;
                 let res = Response::from_parts(parts, ResponseBody::failed(error));
-                Ok(mark(res, Outcome::Released))
+                return self
+                    .release(&key, &token, res, "response body failed")
+                    .await;
             }
+        };
+        let tombstone = record.kind() == RecordKind::Tombstone;
+        if self.engine.complete(key, token, &record, ttl).await == Completion::RolledBack {
+            // A transactional store's failed completion rolled the
+            // handler's writes back: the client must not see its answer.
+            let retry_after = self.config.retry_after;
+            return self.reject(Rejection::StoreUnavailable { retry_after });
         }
-    }
-
-    /// For a transactional store, a failed completion rolled the
-    /// handler's writes back: the client must not see the handler's answer.
-    fn rolled_back<B: Body>(&self, completion: Completion) -> Option<Response<ResponseBody<B>>> {
-        (completion == Completion::RolledBack).then(|| {
-            reject(
-                &self.config.problems,
-                Rejection::StoreUnavailable {
-                    retry_after: self.config.retry_after,
-                },
-                Outcome::StoreError,
-            )
-        })
+        let status = parts.status.as_u16();
+        let outcome = if tombstone {
+            tracing::warn!(key = %key, status, outcome = Outcome::Tombstone.as_str(), limit = body_limit, "response too large to record; retries get a 410");
+            Outcome::Tombstone
+        } else {
+            tracing::debug!(key = %key, status, outcome = Outcome::Executed.as_str());
+            Outcome::Executed
+        };
+        mark(Response::from_parts(parts, answer), outcome)
     }
 
     fn replay<B: Body>(&self, record: Record) -> Response<ResponseBody<B>> {
         let mut res = if record.kind() == RecordKind::Tombstone {
-            reject(
-                &self.config.problems,
-                Rejection::ResponseNotStored {
-                    original_status: record.status(),
-                },
-                Outcome::Tombstone,
-            )
+            self.reject(Rejection::ResponseNotStored {
+                original_status: record.status(),
+            })
         } else {
             let trailers = (!record.trailers().is_empty()).then(|| to_map(record.trailers()));
             let mut res = Response::new(ResponseBody::full(record.body().clone(), trailers));
