@@ -404,6 +404,32 @@ mod tests {
             fp(&key_only, "POST", "/a", &[]),
             fp(&key_only, "PATCH", "/b", &[])
         );
+        // Each option alone: the part it drops no longer matters, the
+        // others still do.
+        let no_method = FingerprintConfig::default().with_method(false);
+        assert_eq!(
+            fp(&no_method, "POST", "/a", &[b"{}"]),
+            fp(&no_method, "PATCH", "/a", &[b"{}"])
+        );
+        assert_ne!(
+            fp(&no_method, "POST", "/a", &[b"{}"]),
+            fp(&no_method, "POST", "/b", &[b"{}"])
+        );
+        let no_path = FingerprintConfig::default().with_path(false);
+        assert_eq!(
+            fp(&no_path, "POST", "/a", &[b"{}"]),
+            fp(&no_path, "POST", "/b", &[b"{}"])
+        );
+        assert_ne!(
+            fp(&no_path, "POST", "/a", &[b"{}"]),
+            fp(&no_path, "PATCH", "/a", &[b"{}"])
+        );
+    }
+
+    #[test]
+    fn debug_shows_a_short_prefix() {
+        let f = Fingerprint::from_bytes([0xab; 32]);
+        assert_eq!(format!("{f:?}"), "Fingerprint(abababababababab)");
     }
 
     #[test]

@@ -300,6 +300,50 @@ mod tests {
             parse_key(b"abd", 1, 255).unwrap().derive("stripe")
         );
         assert_eq!(format!("{k:?}"), "IdempotencyKey(<3 chars>)");
+        // A known answer, computed outside this crate: SHA-256 of the
+        // domain tag, the label's length (8 bytes, big-endian), the label
+        // and the key, in lower-case hex.
+        assert_eq!(
+            k.derive("stripe"),
+            "85dbafe1f9c89750d1355a63cceb68470e1118f596443a4a360e939adc830815"
+        );
+        assert_eq!(k.as_ref(), "abc");
+    }
+
+    #[test]
+    fn a_quote_before_the_end_is_malformed() {
+        // Without escapes, with them, and after an escaped quote.
+        assert_eq!(p("\"ab\"cd\""), Err(KeyError::Malformed));
+        assert_eq!(p("\"a\\\\b\"cd\""), Err(KeyError::Malformed));
+        assert_eq!(p("\"a\\\"b\"c\""), Err(KeyError::Malformed));
+        assert_eq!(p("\"a\\\"b\"").unwrap(), "a\"b");
+    }
+
+    #[test]
+    fn a_control_character_after_an_escape_is_malformed() {
+        assert_eq!(p("\"a\\\\\u{1}b\""), Err(KeyError::Malformed));
+        assert_eq!(p("\"a\\\\\u{7f}b\""), Err(KeyError::Malformed));
+        assert_eq!(p("\"a\\\\ b~\"").unwrap(), "a\\ b~");
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong() {
+        assert_eq!(
+            KeyError::Missing.to_string(),
+            "the Idempotency-Key header is missing"
+        );
+        let all = [
+            KeyError::Missing,
+            KeyError::Multiple,
+            KeyError::Empty,
+            KeyError::TooShort,
+            KeyError::TooLong,
+            KeyError::Malformed,
+        ];
+        let texts: std::collections::HashSet<String> =
+            all.iter().map(ToString::to_string).collect();
+        assert_eq!(texts.len(), all.len(), "each error has its own message");
+        assert!(texts.iter().all(|t| t.contains("key") || t.contains("Key")));
     }
 }
 

@@ -475,6 +475,27 @@ impl DecodeError {
 mod tests {
     use super::*;
 
+    #[test]
+    fn debug_shows_sizes_never_contents() {
+        let record = sample();
+        let text = format!("{record:?}");
+        assert!(text.starts_with("Record { kind: Response"), "{text}");
+        assert!(text.contains("status: 201"), "{text}");
+        assert!(
+            text.contains(&format!("body_len: {}", record.body().len())),
+            "{text}"
+        );
+        assert!(!text.contains("a=1"), "a header value leaked: {text}");
+    }
+
+    #[test]
+    fn created_at_is_now() {
+        let age = SystemTime::now()
+            .duration_since(sample().created_at())
+            .unwrap();
+        assert!(age < Duration::from_secs(60), "{age:?}");
+    }
+
     fn sample() -> Record {
         Record::response(
             Fingerprint::from_bytes([9; 32]),
