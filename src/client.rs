@@ -223,12 +223,43 @@ impl IdempotentClientLayer {
 
     /// The methods that get a key and retries (default `POST` and `PATCH`).
     /// Every other method passes through untouched.
+    ///
+    /// ```
+    /// use http::Method;
+    /// use tower_idempotency::IdempotentClientLayer;
+    ///
+    /// // The server also keys its `PUT` and `DELETE` routes.
+    /// let layer = IdempotentClientLayer::new()
+    ///     .with_methods([Method::POST, Method::PUT, Method::PATCH, Method::DELETE]);
+    /// # let _ = layer;
+    /// ```
     pub fn with_methods(self, methods: impl IntoIterator<Item = Method>) -> Self {
         let methods = methods.into_iter().collect();
         self.config(|c| c.methods = methods)
     }
 
     /// The header that carries the key (default `Idempotency-Key`).
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::{HeaderName, Request, Response};
+    /// use http_body_util::Full;
+    /// use tower::{Layer, ServiceExt, service_fn};
+    /// use tower_idempotency::IdempotentClientLayer;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_idempotency::BoxError> {
+    /// let server = service_fn(|req: Request<Full<Bytes>>| async move {
+    ///     assert!(req.headers().contains_key("x-request-key"));
+    ///     Ok::<_, tower_idempotency::BoxError>(Response::new(Full::new(Bytes::new())))
+    /// });
+    /// let client = IdempotentClientLayer::new()
+    ///     .with_header(HeaderName::from_static("x-request-key"))
+    ///     .layer(server);
+    /// client.oneshot(Request::post("http://api.example/orders").body(Full::default())?).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn with_header(self, name: HeaderName) -> Self {
         self.config(|c| c.header = name)
     }
@@ -237,6 +268,14 @@ impl IdempotentClientLayer {
     /// past it the attempt counts as failed and is retried. The wait for the
     /// inner service's readiness before a retry counts too; reading the
     /// response body does not.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::IdempotentClientLayer;
+    ///
+    /// let layer = IdempotentClientLayer::new().with_timeout(Duration::from_secs(3));
+    /// # let _ = layer;
+    /// ```
     pub fn with_timeout(self, timeout: Duration) -> Self {
         self.config(|c| c.timeout = timeout)
     }
@@ -244,6 +283,16 @@ impl IdempotentClientLayer {
     /// The backoff between attempts (default base 100 ms, cap 5 s): before
     /// retry `n` the layer sleeps a random time between zero and
     /// `min(max, base * 2^(n-1))`. The cap also bounds a `Retry-After`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::IdempotentClientLayer;
+    ///
+    /// // Waits of up to 250 ms, 500 ms, 1 s, then 2 s between attempts.
+    /// let layer = IdempotentClientLayer::new()
+    ///     .with_backoff(Duration::from_millis(250), Duration::from_secs(2));
+    /// # let _ = layer;
+    /// ```
     pub fn with_backoff(self, base: Duration, max: Duration) -> Self {
         self.config(|c| {
             c.base_backoff = base;
@@ -253,6 +302,29 @@ impl IdempotentClientLayer {
 
     /// How many attempts a request gets in all, the first included (default
     /// 5; at least 1, which disables retries).
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::{Request, Response, StatusCode};
+    /// use http_body_util::Full;
+    /// use tower::{Layer, ServiceExt, service_fn};
+    /// use tower_idempotency::IdempotentClientLayer;
+    /// use tower_idempotency::client::Attempts;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), tower_idempotency::BoxError> {
+    /// let unavailable = service_fn(|_: Request<Full<Bytes>>| async {
+    ///     let mut res = Response::new(Full::new(Bytes::new()));
+    ///     *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    ///     Ok::<_, tower_idempotency::BoxError>(res)
+    /// });
+    /// let client = IdempotentClientLayer::new().with_max_attempts(3).layer(unavailable);
+    /// let res = client.oneshot(Request::post("http://api.example/orders").body(Full::default())?).await?;
+    /// assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "the last answer, as it is");
+    /// assert_eq!(res.extensions().get::<Attempts>().map(Attempts::count), Some(3));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn with_max_attempts(self, attempts: u32) -> Self {
         self.config(|c| c.max_attempts = attempts.max(1))
     }
@@ -261,6 +333,14 @@ impl IdempotentClientLayer {
     /// MiB). A body whose size hint is larger is sent once without retries;
     /// a streaming body that grows past it fails with
     /// [`ClientError::BodyTooLarge`] before it is sent.
+    ///
+    /// ```
+    /// use tower_idempotency::IdempotentClientLayer;
+    ///
+    /// // Uploads of up to 8 MiB are retried.
+    /// let layer = IdempotentClientLayer::new().with_max_body(8 * 1024 * 1024);
+    /// # let _ = layer;
+    /// ```
     pub fn with_max_body(self, bytes: usize) -> Self {
         self.config(|c| c.max_body = bytes)
     }

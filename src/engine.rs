@@ -165,8 +165,8 @@ impl Engine {
         }
     }
 
-    /// Bounds one store call by the configured timeout, and times it.
-    pub(crate) async fn bounded<T>(
+    /// One store call, cut off at the layer's store timeout and timed.
+    pub(crate) async fn call_store<T>(
         &self,
         op: &'static str,
         call: impl Future<Output = Result<T, StoreError>>,
@@ -191,7 +191,7 @@ impl Engine {
         };
         loop {
             let begun = self
-                .bounded(
+                .call_store(
                     "begin",
                     self.store
                         .as_ref()
@@ -305,7 +305,7 @@ impl Engine {
             loop {
                 tokio::time::sleep(lease / 3).await;
                 match self
-                    .bounded("extend", self.store.as_ref().extend(key, token, lease))
+                    .call_store("extend", self.store.as_ref().extend(key, token, lease))
                     .await
                 {
                     Ok(true) => {
@@ -340,7 +340,7 @@ impl Engine {
     /// lease ends.
     pub(crate) async fn release(&self, key: &StoreKey, token: &LockToken) {
         match self
-            .bounded("release", self.store.as_ref().release(key, token))
+            .call_store("release", self.store.as_ref().release(key, token))
             .await
         {
             Ok(true) => {}
@@ -356,7 +356,7 @@ impl Engine {
                         &key,
                         this.settings.complete_retries,
                         |attempt| this.backoff(attempt),
-                        || this.bounded("release", this.store.as_ref().release(&key, &token)),
+                        || this.call_store("release", this.store.as_ref().release(&key, &token)),
                     )
                     .await;
                     if answered.is_none() {
@@ -386,7 +386,7 @@ impl Engine {
         ttl: Duration,
     ) -> Completion {
         match self
-            .bounded(
+            .call_store(
                 "complete",
                 self.store.as_ref().complete(&key, &token, record, ttl),
             )
@@ -408,7 +408,7 @@ impl Engine {
             // happens; a release makes sure of it. Fenced, it finds nothing
             // then: that `false` is expected, not a lock taken over.
             if let Err(e) = self
-                .bounded("release", self.store.as_ref().release(&key, &token))
+                .call_store("release", self.store.as_ref().release(&key, &token))
                 .await
             {
                 log_store_error("release", &key, &e);
@@ -429,7 +429,7 @@ impl Engine {
                 retries,
                 |attempt| this.backoff(attempt),
                 || {
-                    this.bounded(
+                    this.call_store(
                         "complete",
                         this.store.as_ref().complete(&key, &token, &record, ttl),
                     )

@@ -180,6 +180,17 @@ impl FingerprintConfig {
     }
 
     /// Whether the method is covered (default: yes).
+    ///
+    /// ```
+    /// use http::{HeaderMap, Method, Uri};
+    /// use tower_idempotency::FingerprintConfig;
+    ///
+    /// // The key names the operation: the method does not count.
+    /// let config = FingerprintConfig::default().with_method(false);
+    /// let uri = Uri::from_static("/orders/7");
+    /// let fp = |method| config.fingerprint(&method, &uri, &HeaderMap::new(), b"{}");
+    /// assert_eq!(fp(Method::PUT), fp(Method::POST));
+    /// ```
     #[must_use]
     pub fn with_method(mut self, on: bool) -> Self {
         self.method = on;
@@ -187,6 +198,16 @@ impl FingerprintConfig {
     }
 
     /// Whether the path is covered (default: yes).
+    ///
+    /// ```
+    /// use http::{HeaderMap, Method, Uri};
+    /// use tower_idempotency::FingerprintConfig;
+    ///
+    /// // One resource under two routes: the path does not count.
+    /// let config = FingerprintConfig::default().with_path(false);
+    /// let fp = |uri: &'static str| config.fingerprint(&Method::POST, &Uri::from_static(uri), &HeaderMap::new(), b"{}");
+    /// assert_eq!(fp("/v1/orders"), fp("/v2/orders"));
+    /// ```
     #[must_use]
     pub fn with_path(mut self, on: bool) -> Self {
         self.target = on;
@@ -195,6 +216,17 @@ impl FingerprintConfig {
 
     /// Whether the query string is covered (default: yes; only when the
     /// path is covered).
+    ///
+    /// ```
+    /// use http::{HeaderMap, Method, Uri};
+    /// use tower_idempotency::FingerprintConfig;
+    ///
+    /// // Clients add a cache-busting `?ts=` to each attempt.
+    /// let config = FingerprintConfig::default().with_query(false);
+    /// let fp = |uri: &'static str| config.fingerprint(&Method::POST, &Uri::from_static(uri), &HeaderMap::new(), b"{}");
+    /// assert_eq!(fp("/orders?ts=1"), fp("/orders?ts=2"));
+    /// assert_ne!(fp("/orders"), fp("/refunds"), "the path still counts");
+    /// ```
     #[must_use]
     pub fn with_query(mut self, on: bool) -> Self {
         self.query = on;
@@ -202,6 +234,16 @@ impl FingerprintConfig {
     }
 
     /// Whether the body is covered (default: yes).
+    ///
+    /// ```
+    /// use http::{HeaderMap, Method, Uri};
+    /// use tower_idempotency::FingerprintConfig;
+    ///
+    /// let config = FingerprintConfig::default().with_body(false);
+    /// let uri = Uri::from_static("/orders");
+    /// let fp = |body: &[u8]| config.fingerprint(&Method::POST, &uri, &HeaderMap::new(), body);
+    /// assert_eq!(fp(br#"{"qty":1}"#), fp(br#"{"qty":2}"#));
+    /// ```
     #[must_use]
     pub fn with_body(mut self, on: bool) -> Self {
         self.body = on;
@@ -209,6 +251,20 @@ impl FingerprintConfig {
     }
 
     /// Also covers every value of the header `name`, in order.
+    ///
+    /// ```
+    /// use http::{HeaderMap, HeaderValue, Method, Uri, header::CONTENT_TYPE};
+    /// use tower_idempotency::FingerprintConfig;
+    ///
+    /// let config = FingerprintConfig::default().with_header(CONTENT_TYPE);
+    /// let uri = Uri::from_static("/orders");
+    /// let fp = |content_type: &'static str| {
+    ///     let mut headers = HeaderMap::new();
+    ///     headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    ///     config.fingerprint(&Method::POST, &uri, &headers, b"qty=1")
+    /// };
+    /// assert_ne!(fp("application/json"), fp("application/x-www-form-urlencoded"));
+    /// ```
     #[must_use]
     pub fn with_header(mut self, name: HeaderName) -> Self {
         self.headers.push(name);

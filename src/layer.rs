@@ -174,7 +174,7 @@ impl Config {
 /// | [`with_record_if`](Self::with_record_if) | [`default_record_if`] |
 /// | [`with_replayed_header`](Self::with_replayed_header) | `Idempotent-Replayed: true` |
 /// | [`with_store_timeout`](Self::with_store_timeout) | 2 seconds per store call |
-/// | [`with_complete_retries`](Self::with_complete_retries) | 8 background retries of a failed record write |
+/// | [`with_write_retries`](Self::with_write_retries) | 8 background retries of a failed record write or release |
 /// | [`with_problems`](Self::with_problems) | `type` URIs on this crate's docs, no `Link` header |
 /// | [`keep_body_type`](Self::keep_body_type) | off: response bodies are [`ResponseBody`](crate::ResponseBody) ([`WrapBody`]) |
 #[must_use]
@@ -273,6 +273,25 @@ impl<M> IdempotencyLayer<M> {
 
     /// The methods the layer covers (default `POST` and `PATCH`). Every other
     /// method passes through untouched and unbuffered.
+    ///
+    /// ```
+    /// use axum::{Router, body::Body, http::Request, routing::put};
+    /// use http::Method;
+    /// use tower::ServiceExt;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let layer = IdempotencyLayer::new(MemoryStore::new())
+    ///     .with_methods([Method::POST, Method::PUT, Method::PATCH]);
+    /// let app = Router::new().route("/items/7", put(|| async { "stored" }).route_layer(layer));
+    /// let req = || Request::put("/items/7").header("idempotency-key", "k1").body(Body::empty()).unwrap();
+    ///
+    /// app.clone().oneshot(req()).await.unwrap();
+    /// let retry = app.oneshot(req()).await.unwrap();
+    /// assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    /// # }
+    /// ```
     pub fn with_methods(self, methods: impl IntoIterator<Item = Method>) -> Self {
         let methods = methods.into_iter().collect();
         self.config(|c| c.methods = methods)
@@ -280,18 +299,68 @@ impl<M> IdempotencyLayer<M> {
 
     /// The header that carries the key (default `Idempotency-Key`); a webhook
     /// receiver can key on the sender's delivery-id header instead.
+    ///
+    /// ```
+    /// use axum::{Router, body::Body, http::Request, routing::post};
+    /// use http::HeaderName;
+    /// use tower::ServiceExt;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let layer = IdempotencyLayer::new(MemoryStore::new())
+    ///     .with_header(HeaderName::from_static("x-delivery-id"));
+    /// let app = Router::new().route("/webhooks", post(|| async { "handled" }).route_layer(layer));
+    /// let req = || Request::post("/webhooks").header("x-delivery-id", "evt_1").body(Body::empty()).unwrap();
+    ///
+    /// app.clone().oneshot(req()).await.unwrap();
+    /// let redelivery = app.oneshot(req()).await.unwrap();
+    /// assert_eq!(redelivery.headers()["idempotent-replayed"], "true");
+    /// # }
+    /// ```
     pub fn with_header(self, name: HeaderName) -> Self {
         self.config(|c| c.header = name)
     }
 
     /// Whether a covered request without a key is refused with 400 (default:
     /// no, it passes through without idempotency).
+    ///
+    /// ```
+    /// use axum::{Router, body::Body, http::Request, routing::post};
+    /// use tower::ServiceExt;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).with_require_key(true);
+    /// let app = Router::new().route("/payments", post(|| async { "charged" }).route_layer(layer));
+    ///
+    /// let res = app.oneshot(Request::post("/payments").body(Body::empty()).unwrap()).await.unwrap();
+    /// assert_eq!(res.status(), 400, "no Idempotency-Key");
+    /// # }
+    /// ```
     pub fn with_require_key(self, require: bool) -> Self {
         self.config(|c| c.require_key = require)
     }
 
     /// The accepted key length in characters, without quotes (default 1 to
     /// 255).
+    ///
+    /// ```
+    /// use axum::{Router, body::Body, http::Request, routing::post};
+    /// use tower::ServiceExt;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// // Keys must be UUID-sized: too short to guess is too short to accept.
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).with_key_length(32, 64);
+    /// let app = Router::new().route("/payments", post(|| async { "charged" }).route_layer(layer));
+    ///
+    /// let req = Request::post("/payments").header("idempotency-key", "1").body(Body::empty()).unwrap();
+    /// assert_eq!(app.oneshot(req).await.unwrap().status(), 400);
+    /// # }
+    /// ```
     pub fn with_key_length(self, min: usize, max: usize) -> Self {
         self.config(|c| {
             c.min_key_len = min.max(1);
@@ -300,6 +369,18 @@ impl<M> IdempotencyLayer<M> {
     }
 
     /// How long a completed record replays (default 24 hours).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// // A retry a day later is a new request.
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).with_ttl(Duration::from_secs(60 * 60));
+    /// # let _ = layer;
+    /// ```
+    ///
+    /// The crate docs' [testing example](crate#testing-handlers) shows a
+    /// record expiring under a paused clock.
     pub fn with_ttl(self, ttl: Duration) -> Self {
         self.engine(|e| e.ttl = ttl)
     }
@@ -307,12 +388,37 @@ impl<M> IdempotencyLayer<M> {
     /// How long an in-flight lock lives without a heartbeat (default 30 s).
     /// The layer renews it every third of the lease while the handler runs;
     /// a process that dies leaves a lock that a retry takes over after this.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// // A crashed instance's lock frees its key after 10 s instead of 30 s.
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).with_lease(Duration::from_secs(10));
+    /// # let _ = layer;
+    /// ```
     pub fn with_lease(self, lease: Duration) -> Self {
         self.engine(|e| e.set_lease(lease))
     }
 
     /// The largest request body a covered request may carry (default 1 MiB);
     /// larger ones get 413 before any store call.
+    ///
+    /// ```
+    /// use axum::{Router, body::Body, http::Request, routing::post};
+    /// use tower::ServiceExt;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).with_max_request_body(64 * 1024);
+    /// let app = Router::new().route("/orders", post(|| async { "created" }).route_layer(layer));
+    ///
+    /// let upload = Body::from(vec![b'x'; 100 * 1024]);
+    /// let req = Request::post("/orders").header("idempotency-key", "k1").body(upload).unwrap();
+    /// assert_eq!(app.oneshot(req).await.unwrap().status(), 413);
+    /// # }
+    /// ```
     pub fn with_max_request_body(self, bytes: usize) -> Self {
         self.config(|c| c.max_request_body = bytes)
     }
@@ -321,6 +427,22 @@ impl<M> IdempotencyLayer<M> {
     /// response still reaches the client in full, and the key records a
     /// tombstone: retries are told the request completed, and it never runs
     /// again.
+    ///
+    /// ```
+    /// use axum::{Router, body::Body, http::Request, routing::post};
+    /// use tower::ServiceExt;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).with_max_response_body(1024);
+    /// let app = Router::new().route("/reports", post(|| async { "x".repeat(4096) }).route_layer(layer));
+    /// let req = || Request::post("/reports").header("idempotency-key", "k1").body(Body::empty()).unwrap();
+    ///
+    /// assert_eq!(app.clone().oneshot(req()).await.unwrap().status(), 200);
+    /// assert_eq!(app.oneshot(req()).await.unwrap().status(), 410, "ran, but not kept");
+    /// # }
+    /// ```
     pub fn with_max_response_body(self, bytes: usize) -> Self {
         self.config(|c| c.max_response_body = bytes)
     }
@@ -433,21 +555,58 @@ impl<M> IdempotencyLayer<M> {
     ///
     /// Turn it off only when no response can be private, or when every
     /// key is unguessable and never shared.
+    ///
+    /// ```
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// // A public catalogue API: responses hold nothing private, so a
+    /// // refreshed token must not turn a retry into a 422.
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).with_credential_binding(false);
+    /// # let _ = layer;
+    /// ```
     pub fn with_credential_binding(self, on: bool) -> Self {
         self.config(|c| c.bind_credentials = on)
     }
 
     /// What the fingerprint covers (default: method, path and query, body).
+    ///
+    /// ```
+    /// use tower_idempotency::{FingerprintConfig, IdempotencyLayer, MemoryStore};
+    ///
+    /// // Clients may reorder JSON members between retries.
+    /// let layer = IdempotencyLayer::new(MemoryStore::new())
+    ///     .with_fingerprint(FingerprintConfig::default().with_canonical_json());
+    /// # let _ = layer;
+    /// ```
     pub fn with_fingerprint(self, fingerprint: FingerprintConfig) -> Self {
         self.config(|c| c.fingerprint = fingerprint)
     }
 
     /// What a duplicate gets while the first request runs (default 409).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::{IdempotencyLayer, InFlightPolicy, MemoryStore};
+    ///
+    /// // A duplicate waits up to 5 s for the first request's response instead of a 409.
+    /// let layer = IdempotencyLayer::new(MemoryStore::new())
+    ///     .with_in_flight(InFlightPolicy::Wait(Duration::from_secs(5)));
+    /// # let _ = layer;
+    /// ```
     pub fn with_in_flight(self, policy: InFlightPolicy) -> Self {
         self.engine(|e| e.in_flight = policy)
     }
 
     /// What happens when the store fails (default: 503, fail closed).
+    ///
+    /// ```
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore, StoreErrorPolicy};
+    ///
+    /// // Availability first: while the store is down, requests run unprotected.
+    /// let layer = IdempotencyLayer::new(MemoryStore::new())
+    ///     .with_store_error_policy(StoreErrorPolicy::FailOpen);
+    /// # let _ = layer;
+    /// ```
     pub fn with_store_error_policy(self, policy: StoreErrorPolicy) -> Self {
         self.engine(|e| e.on_store_error = policy)
     }
@@ -456,6 +615,25 @@ impl<M> IdempotencyLayer<M> {
     /// [`default_record_if`]). A response that is not recorded releases the
     /// key, so the client may retry. A handler overrides this for one
     /// response with [`Retention`].
+    ///
+    /// ```
+    /// use axum::{Router, body::Body, http::{Request, StatusCode}, routing::post};
+    /// use tower::ServiceExt;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// // Record successes only: a rejected request runs again when retried.
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).with_record_if(|status| status.is_success());
+    /// let handler = || async { (StatusCode::NOT_FOUND, "no such account") };
+    /// let app = Router::new().route("/transfers", post(handler).route_layer(layer));
+    /// let req = || Request::post("/transfers").header("idempotency-key", "k1").body(Body::empty()).unwrap();
+    ///
+    /// app.clone().oneshot(req()).await.unwrap();
+    /// let retry = app.oneshot(req()).await.unwrap();
+    /// assert!(retry.headers().get("idempotent-replayed").is_none(), "ran again");
+    /// # }
+    /// ```
     pub fn with_record_if<F>(self, record_if: F) -> Self
     where
         F: Fn(StatusCode) -> bool + Send + Sync + 'static,
@@ -465,34 +643,113 @@ impl<M> IdempotencyLayer<M> {
 
     /// The header a replay carries with the value `true` (default
     /// `Idempotent-Replayed`); `None` for no header.
+    ///
+    /// ```
+    /// use axum::{Router, body::Body, http::Request, routing::post};
+    /// use http::HeaderName;
+    /// use tower::ServiceExt;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let layer = IdempotencyLayer::new(MemoryStore::new())
+    ///     .with_replayed_header(Some(HeaderName::from_static("x-idempotent-replay")));
+    /// let app = Router::new().route("/orders", post(|| async { "created" }).route_layer(layer));
+    /// let req = || Request::post("/orders").header("idempotency-key", "k1").body(Body::empty()).unwrap();
+    ///
+    /// app.clone().oneshot(req()).await.unwrap();
+    /// let retry = app.oneshot(req()).await.unwrap();
+    /// assert_eq!(retry.headers()["x-idempotent-replay"], "true");
+    /// assert!(retry.headers().get("idempotent-replayed").is_none());
+    /// # }
+    /// ```
     pub fn with_replayed_header(self, name: Option<HeaderName>) -> Self {
         self.config(|c| c.replayed_header = name)
     }
 
     /// A response header that is never recorded or replayed, in addition to
     /// the hop-by-hop headers and `Date`.
+    ///
+    /// ```
+    /// use axum::{Router, body::Body, http::Request, routing::post};
+    /// use http::HeaderName;
+    /// use tower::ServiceExt;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// // A per-response trace id must not be replayed as if it were the retry's.
+    /// let layer = IdempotencyLayer::new(MemoryStore::new())
+    ///     .with_excluded_header(HeaderName::from_static("x-trace-id"));
+    /// let handler = || async { ([("x-trace-id", "4bf92f35")], "created") };
+    /// let app = Router::new().route("/orders", post(handler).route_layer(layer));
+    /// let req = || Request::post("/orders").header("idempotency-key", "k1").body(Body::empty()).unwrap();
+    ///
+    /// assert_eq!(app.clone().oneshot(req()).await.unwrap().headers()["x-trace-id"], "4bf92f35");
+    /// let retry = app.oneshot(req()).await.unwrap();
+    /// assert!(retry.headers().get("x-trace-id").is_none());
+    /// # }
+    /// ```
     pub fn with_excluded_header(self, name: HeaderName) -> Self {
         self.config(|c| c.excluded_headers.push(name))
     }
 
     /// The bound on every store call (default 2 s); past it the call counts
     /// as a store failure.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).with_store_timeout(Duration::from_millis(500));
+    /// # let _ = layer;
+    /// ```
     pub fn with_store_timeout(self, timeout: Duration) -> Self {
         self.engine(|e| e.store_timeout = timeout)
     }
 
     /// The `Retry-After` sent with 409 and 503 (default 1 s).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// // Handlers take seconds: tell a duplicate to come back later.
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).with_retry_after(Duration::from_secs(5));
+    /// # let _ = layer;
+    /// ```
     pub fn with_retry_after(self, after: Duration) -> Self {
         self.config(|c| c.retry_after = after)
     }
 
-    /// How many more times a failed `complete` (or `release`) is retried in the background
-    /// after the response was sent (default 8), with exponential backoff from
-    /// 50 ms, each wait at most a quarter of the lease: about 13 s in all
-    /// with the defaults, so a store outage shorter than that loses no
-    /// record.
-    pub fn with_complete_retries(self, retries: u32) -> Self {
+    /// How many more times a failed store write is retried in the
+    /// background after the response was sent (default 8): both the
+    /// `complete` that records the response and the `release` that frees
+    /// the key of a response that is not recorded. The retries back off
+    /// exponentially from 50 ms, each wait at most a quarter of the lease:
+    /// about 13 s in all with the defaults, so a store outage shorter than
+    /// that loses no record and leaves no key locked until its lease ends.
+    /// `0` disables them. A transactional store's failed `complete` is
+    /// never retried (its handler's writes were rolled back).
+    ///
+    /// ```
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).with_write_retries(3);
+    /// # let _ = layer;
+    /// ```
+    pub fn with_write_retries(self, retries: u32) -> Self {
         self.engine(|e| e.complete_retries = retries)
+    }
+
+    /// The old name of [`with_write_retries`](Self::with_write_retries),
+    /// which it calls: it governs `release` as well as `complete`.
+    #[deprecated(
+        since = "0.1.0",
+        note = "use with_write_retries: it also governs release"
+    )]
+    pub fn with_complete_retries(self, retries: u32) -> Self {
+        self.with_write_retries(retries)
     }
 }
 

@@ -163,6 +163,33 @@ impl MessageKey {
     /// ([`IdempotentConsumer::with_lease`]): keep the lease no longer than
     /// the broker's own deadline (JetStream's `ack_wait`), or the broker
     /// redelivers before the first beat.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// use std::time::Duration;
+    /// use tower_idempotency::MemoryStore;
+    /// use tower_idempotency::message::{IdempotentConsumer, MessageKey};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let beats = Arc::new(AtomicU32::new(0));
+    /// let counter = beats.clone();
+    /// let key = MessageKey::new("billing", "msg-1", b"{}").with_heartbeat(move || {
+    ///     let counter = counter.clone();
+    ///     // In a real consumer: `message.ack_with(AckKind::Progress).await`.
+    ///     async move { counter.fetch_add(1, Ordering::Relaxed); }
+    /// });
+    ///
+    /// let consumer = IdempotentConsumer::new(MemoryStore::new()).with_lease(Duration::from_secs(30));
+    /// let slow = |_| async {
+    ///     tokio::time::sleep(Duration::from_secs(25)).await;
+    ///     Ok::<_, std::io::Error>(())
+    /// };
+    /// let _ = consumer.process(key, slow).await.unwrap();
+    /// assert_eq!(beats.load(Ordering::Relaxed), 2, "after 10 s and after 20 s");
+    /// # }
+    /// ```
     #[must_use]
     pub fn with_heartbeat<F, Fut>(mut self, beat: F) -> Self
     where
@@ -379,7 +406,7 @@ impl<T> Processed<T> {
 /// | [`with_in_flight`](Self::with_in_flight) | [`InFlightPolicy::Reject`]: [`Processed::InFlight`] at once |
 /// | [`with_store_error_policy`](Self::with_store_error_policy) | [`StoreErrorPolicy::FailClosed`] |
 /// | [`with_store_timeout`](Self::with_store_timeout) | 2 seconds per store call |
-/// | [`with_complete_retries`](Self::with_complete_retries) | 8 background retries of a failed record write |
+/// | [`with_write_retries`](Self::with_write_retries) | 8 background retries of a failed record write or release |
 pub struct IdempotentConsumer<C = UnitCodec> {
     engine: Engine,
     codec: Arc<C>,
@@ -422,6 +449,23 @@ impl IdempotentConsumer {
 impl<C> IdempotentConsumer<C> {
     /// Records the handler's output with `codec`, so that a redelivery
     /// gets it back in [`Processed::Replayed`].
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use tower_idempotency::MemoryStore;
+    /// use tower_idempotency::message::{BytesCodec, IdempotentConsumer, MessageKey, Processed};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let consumer = IdempotentConsumer::new(MemoryStore::new()).with_codec(BytesCodec);
+    /// let delivery = || MessageKey::new("billing", "msg-1", br#"{"amount":42}"#);
+    /// let charge = |_| async { Ok::<_, std::io::Error>(Bytes::from("receipt-17")) };
+    ///
+    /// let _ = consumer.process(delivery(), charge).await.unwrap();
+    /// let again = consumer.process(delivery(), charge).await.unwrap();
+    /// assert!(matches!(again, Processed::Replayed(receipt) if receipt == "receipt-17"));
+    /// # }
+    /// ```
     pub fn with_codec<C2>(self, codec: C2) -> IdempotentConsumer<C2> {
         IdempotentConsumer {
             engine: self.engine,
@@ -431,6 +475,24 @@ impl<C> IdempotentConsumer<C> {
 
     /// How long a record answers redeliveries (default 24 hours). Keep it
     /// longer than the broker may redeliver or a producer may resend.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::MemoryStore;
+    /// use tower_idempotency::message::{IdempotentConsumer, MessageKey, Processed};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let consumer = IdempotentConsumer::new(MemoryStore::new()).with_ttl(Duration::from_secs(60 * 60));
+    /// let delivery = || MessageKey::new("billing", "msg-1", b"{}");
+    /// let charge = |_| async { Ok::<_, std::io::Error>(()) };
+    ///
+    /// let _ = consumer.process(delivery(), charge).await.unwrap();
+    /// tokio::time::advance(Duration::from_secs(2 * 60 * 60)).await;
+    /// let late = consumer.process(delivery(), charge).await.unwrap();
+    /// assert!(matches!(late, Processed::Ran(())), "the record expired: it ran again");
+    /// # }
+    /// ```
     #[must_use]
     pub fn with_ttl(mut self, ttl: Duration) -> Self {
         self.engine.settings.ttl = ttl;
@@ -440,6 +502,16 @@ impl<C> IdempotentConsumer<C> {
     /// How long a lock lives without a heartbeat (default 30 seconds,
     /// at least 30 ms). The engine extends it every third of it while the
     /// handler runs, so only a crashed consumer's lock runs out.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::MemoryStore;
+    /// use tower_idempotency::message::IdempotentConsumer;
+    ///
+    /// // The broker's ack wait is 20 s: a crashed consumer's lock must be gone by then.
+    /// let consumer = IdempotentConsumer::new(MemoryStore::new()).with_lease(Duration::from_secs(20));
+    /// # let _ = consumer;
+    /// ```
     #[must_use]
     pub fn with_lease(mut self, lease: Duration) -> Self {
         self.engine.settings.set_lease(lease);
@@ -448,6 +520,17 @@ impl<C> IdempotentConsumer<C> {
 
     /// What a duplicate gets while the first delivery still runs (default
     /// [`InFlightPolicy::Reject`]).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::{InFlightPolicy, MemoryStore};
+    /// use tower_idempotency::message::IdempotentConsumer;
+    ///
+    /// // A duplicate waits up to 10 s for the first delivery's output.
+    /// let consumer = IdempotentConsumer::new(MemoryStore::new())
+    ///     .with_in_flight(InFlightPolicy::Wait(Duration::from_secs(10)));
+    /// # let _ = consumer;
+    /// ```
     #[must_use]
     pub fn with_in_flight(mut self, policy: InFlightPolicy) -> Self {
         self.engine.settings.in_flight = policy;
@@ -456,6 +539,16 @@ impl<C> IdempotentConsumer<C> {
 
     /// What happens when the store fails (default
     /// [`StoreErrorPolicy::FailClosed`]).
+    ///
+    /// ```
+    /// use tower_idempotency::{MemoryStore, StoreErrorPolicy};
+    /// use tower_idempotency::message::IdempotentConsumer;
+    ///
+    /// // Process messages unprotected while the store is down: `Processed::FailedOpen`.
+    /// let consumer = IdempotentConsumer::new(MemoryStore::new())
+    ///     .with_store_error_policy(StoreErrorPolicy::FailOpen);
+    /// # let _ = consumer;
+    /// ```
     #[must_use]
     pub fn with_store_error_policy(mut self, policy: StoreErrorPolicy) -> Self {
         self.engine.settings.on_store_error = policy;
@@ -463,18 +556,52 @@ impl<C> IdempotentConsumer<C> {
     }
 
     /// Bounds every store call (default 2 seconds).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::MemoryStore;
+    /// use tower_idempotency::message::IdempotentConsumer;
+    ///
+    /// let consumer = IdempotentConsumer::new(MemoryStore::new())
+    ///     .with_store_timeout(Duration::from_millis(500));
+    /// # let _ = consumer;
+    /// ```
     #[must_use]
     pub fn with_store_timeout(mut self, timeout: Duration) -> Self {
         self.engine.settings.store_timeout = timeout;
         self
     }
 
-    /// How many times a failed record write is retried in the background
-    /// (default 8).
+    /// How many more times a failed store write is retried in the
+    /// background (default 8): both the `complete` that records the
+    /// handler's output and the `release` that frees the key after a
+    /// handler error or panic. The retries back off exponentially from
+    /// 50 ms, each wait at most a quarter of the lease; `0` disables them.
+    /// A transactional store's failed `complete` is never retried (the
+    /// handler's writes were rolled back).
+    ///
+    /// ```
+    /// use tower_idempotency::MemoryStore;
+    /// use tower_idempotency::message::IdempotentConsumer;
+    ///
+    /// let consumer = IdempotentConsumer::new(MemoryStore::new()).with_write_retries(3);
+    /// # let _ = consumer;
+    /// ```
     #[must_use]
-    pub fn with_complete_retries(mut self, retries: u32) -> Self {
+    pub fn with_write_retries(mut self, retries: u32) -> Self {
         self.engine.settings.complete_retries = retries;
         self
+    }
+
+    /// The old name of [`with_write_retries`](Self::with_write_retries),
+    /// which it calls: it governs `release` as well as `complete`.
+    #[must_use]
+    #[deprecated(
+        since = "0.1.0",
+        note = "use with_write_retries: it also governs release"
+    )]
+    pub fn with_complete_retries(self, retries: u32) -> Self {
+        self.with_write_retries(retries)
     }
 
     /// A Tower layer that runs every message through this consumer, keyed

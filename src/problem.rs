@@ -72,6 +72,15 @@ impl ProblemDocs {
 
     /// The base every `type` URI starts with; the type's suffix (such as
     /// `key-reused`) follows it directly, so end it with `/` or `#`.
+    ///
+    /// ```
+    /// use tower_idempotency::Rejection;
+    /// use tower_idempotency::problem::ProblemDocs;
+    ///
+    /// let docs = ProblemDocs::new().with_type_base("https://api.example.com/problems/");
+    /// let json = Rejection::KeyReused.to_json_with(&docs, None);
+    /// assert!(json.starts_with(r#"{"type":"https://api.example.com/problems/key-reused""#));
+    /// ```
     #[must_use]
     pub fn with_type_base(mut self, base: impl Into<String>) -> Self {
         self.type_base = Arc::from(base.into());
@@ -80,6 +89,19 @@ impl ProblemDocs {
 
     /// Adds `Link: <uri>; rel="describedby"; type="text/html"` to every
     /// problem response.
+    ///
+    /// ```
+    /// use tower_idempotency::Rejection;
+    /// use tower_idempotency::problem::ProblemDocs;
+    ///
+    /// let docs = ProblemDocs::new()
+    ///     .with_describedby("https://api.example.com/docs/idempotency".parse().unwrap());
+    /// let res = Rejection::KeyMissing.to_response_with(&docs, "urn:uuid:0");
+    /// assert_eq!(
+    ///     res.headers()["link"],
+    ///     r#"<https://api.example.com/docs/idempotency>; rel="describedby"; type="text/html""#
+    /// );
+    /// ```
     #[must_use]
     pub fn with_describedby(mut self, uri: Uri) -> Self {
         // A `Uri` holds visible ASCII only: always a valid header value.

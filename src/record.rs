@@ -173,6 +173,17 @@ impl Record {
     }
 
     /// Sets the trailers recorded after the body (gRPC-style responses).
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::{HeaderName, HeaderValue, StatusCode};
+    /// use tower_idempotency::{Fingerprint, Record};
+    ///
+    /// let record = Record::response(Fingerprint::from_bytes([7; 32]), StatusCode::OK, vec![], Bytes::new())
+    ///     .with_trailers(vec![(HeaderName::from_static("grpc-status"), HeaderValue::from_static("0"))]);
+    /// let decoded = Record::decode(&record.encode()).unwrap();
+    /// assert_eq!(decoded.trailers()[0].1, "0");
+    /// ```
     #[must_use]
     pub fn with_trailers(mut self, trailers: Vec<(HeaderName, HeaderValue)>) -> Self {
         self.trailers = if trailers.is_empty() {

@@ -197,7 +197,7 @@ pub use aws_sdk_dynamodb as sdk;
 pub use aws_sdk_dynamodb::Client;
 
 use super::{
-    Begin, Capabilities, DEFAULT_TIMEOUT, LockToken, Store, StoreError, StoreKey,
+    Begin, Capabilities, DEFAULT_TIMEOUT, LockToken, MAX_EXPIRY, Store, StoreError, StoreKey,
     release_unanswered,
 };
 use crate::fingerprint::Fingerprint;
@@ -209,8 +209,6 @@ const DEFAULT_MAX_ITEM_SIZE: usize = 400 * 1024;
 /// The least bound on [`DynamoDbStore::create_table`], which waits for
 /// the table to become active.
 const MAINTENANCE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Leases and ttls are capped here (about 1000 years).
-const MAX_EXPIRY: Duration = Duration::from_secs(1000 * 366 * 24 * 60 * 60);
 /// How often [`Store::wait`] looks at the item.
 const WAIT_POLL: Duration = Duration::from_millis(50);
 
@@ -315,7 +313,7 @@ impl DynamoDbStore {
     pub fn new(client: Client, table: impl Into<String>) -> Self {
         let table: String = table.into();
         Self {
-            client: bounded_client(&client, DEFAULT_TIMEOUT),
+            client: with_sdk_timeouts(&client, DEFAULT_TIMEOUT),
             source: client,
             table: table.into(),
             prefix: DEFAULT_PREFIX.into(),
@@ -344,7 +342,7 @@ impl DynamoDbStore {
     #[must_use]
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
-        self.client = bounded_client(&self.source, timeout);
+        self.client = with_sdk_timeouts(&self.source, timeout);
         self
     }
 
@@ -393,7 +391,8 @@ impl DynamoDbStore {
         &self.prefix
     }
 
-    /// The bound on every call.
+    /// The bound on every call, as [`with_timeout`](Self::with_timeout)
+    /// set it (1 second by default).
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
@@ -461,7 +460,7 @@ impl DynamoDbStore {
                 Ok(_) => tracing::info!(table, "created the idempotency table"),
                 // Another instance created it meanwhile.
                 Err(e) if e.code() == Some("ResourceInUseException") => {}
-                Err(e) => return Err(map_err("CreateTable", e, self.timeout)),
+                Err(e) => return Err(classify("CreateTable", e, self.timeout)),
             }
         }
         // Wait until the table is active.
@@ -469,7 +468,7 @@ impl DynamoDbStore {
             let described = self
                 .bounded(self.client.describe_table().table_name(table).send())
                 .await?
-                .map_err(|e| map_err("DescribeTable", e, self.timeout))?;
+                .map_err(|e| classify("DescribeTable", e, self.timeout))?;
             let status = described.table().and_then(|t| t.table_status());
             if status == Some(&TableStatus::Active) {
                 break;
@@ -479,7 +478,7 @@ impl DynamoDbStore {
         let ttl = self
             .bounded(self.client.describe_time_to_live().table_name(table).send())
             .await?
-            .map_err(|e| map_err("DescribeTimeToLive", e, self.timeout))?;
+            .map_err(|e| classify("DescribeTimeToLive", e, self.timeout))?;
         let ttl = ttl.time_to_live_description();
         let status = ttl.and_then(|d| d.time_to_live_status());
         let attribute = ttl.and_then(|d| d.attribute_name());
@@ -517,7 +516,7 @@ impl DynamoDbStore {
                     {
                         Ok(())
                     }
-                    Err(e) => Err(map_err("UpdateTimeToLive", e, self.timeout)),
+                    Err(e) => Err(classify("UpdateTimeToLive", e, self.timeout)),
                 }
             }
         }
@@ -532,7 +531,7 @@ impl DynamoDbStore {
         let out = match described {
             Ok(out) => out,
             Err(e) if e.code() == Some("ResourceNotFoundException") => return Ok(None),
-            Err(e) => return Err(map_err("DescribeTable", e, self.timeout)),
+            Err(e) => return Err(classify("DescribeTable", e, self.timeout)),
         };
         let keys = out.table().map(|t| t.key_schema()).unwrap_or_default();
         let ours = keys.len() == 1
@@ -602,7 +601,7 @@ impl DynamoDbStore {
             }
             Err(e) => Err(Failure {
                 maybe_applied: maybe_applied(&e),
-                error: map_err(op, e, self.timeout),
+                error: classify(op, e, self.timeout),
             }),
         }
     }
@@ -610,7 +609,7 @@ impl DynamoDbStore {
 
 /// `client` with an operation timeout of `timeout` and an attempt timeout
 /// no longer than it, everything else as configured.
-fn bounded_client(client: &Client, timeout: Duration) -> Client {
+fn with_sdk_timeouts(client: &Client, timeout: Duration) -> Client {
     let config = client.config();
     let user = config.timeout_config();
     let attempt = user
@@ -717,7 +716,7 @@ where
 
 /// Network failures, timeouts, throttling and server errors are
 /// `Unavailable` (or `Timeout`); everything else `Backend`.
-fn map_err<E>(op: &'static str, err: SdkError<E, HttpResponse>, timeout: Duration) -> StoreError
+fn classify<E>(op: &'static str, err: SdkError<E, HttpResponse>, timeout: Duration) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {

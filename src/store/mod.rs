@@ -78,6 +78,19 @@ pub mod sqlite;
 ))]
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The longest lease or ttl a store on a server keeps (about 1000 years):
+/// longer ones are cut to it, so that no server's time arithmetic can
+/// overflow (Redis's millisecond expiries, SQL intervals, DynamoDB's epoch
+/// numbers).
+#[cfg(any(
+    feature = "redis",
+    feature = "postgres",
+    feature = "mysql",
+    feature = "sqlite",
+    feature = "dynamodb"
+))]
+const MAX_EXPIRY: Duration = Duration::from_secs(1000 * 366 * 24 * 60 * 60);
+
 #[cfg(feature = "dynamodb")]
 pub use dynamodb::DynamoDbStore;
 pub use memory::{MemoryStore, MemoryStoreBuilder};
@@ -496,6 +509,14 @@ impl Capabilities {
     /// effects were rolled back: the engine reports a store failure
     /// instead of the handler's output, and does not retry the write in
     /// the background.
+    ///
+    /// ```
+    /// use tower_idempotency::store::Capabilities;
+    ///
+    /// // A store whose `complete` commits the handler's transaction.
+    /// const CAPS: Capabilities = Capabilities::new().with_transactional(true);
+    /// assert!(CAPS.is_transactional());
+    /// ```
     pub const fn with_transactional(mut self, yes: bool) -> Self {
         self.transactional = yes;
         self
@@ -503,6 +524,14 @@ impl Capabilities {
 
     /// Whether [`Begin::InFlight`] carries the holder's fingerprint
     /// (`Some`) or the store cannot see it (`None`).
+    ///
+    /// ```
+    /// use tower_idempotency::store::Capabilities;
+    ///
+    /// // A store that keeps a lock as a bare flag, without the fingerprint.
+    /// let caps = Capabilities::new().with_in_flight_fingerprint(false);
+    /// assert!(!caps.reports_in_flight_fingerprint());
+    /// ```
     pub const fn with_in_flight_fingerprint(mut self, yes: bool) -> Self {
         self.in_flight_fingerprint = yes;
         self
@@ -514,6 +543,14 @@ impl Capabilities {
     /// larger as a tombstone, as it does a body past
     /// [`with_max_response_body`](crate::IdempotencyLayer::with_max_response_body):
     /// the request is not run twice and retries answer `410 Gone`.
+    ///
+    /// ```
+    /// use tower_idempotency::store::Capabilities;
+    ///
+    /// // DynamoDB items hold at most 400 KB, attribute names included.
+    /// let caps = Capabilities::new().with_max_record_size(390 * 1024);
+    /// assert_eq!(caps.max_record_size(), Some(390 * 1024));
+    /// ```
     pub const fn with_max_record_size(mut self, bytes: usize) -> Self {
         self.max_record_size = Some(bytes);
         self

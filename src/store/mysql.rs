@@ -314,6 +314,12 @@ impl MySqlStore {
         &self.pool
     }
 
+    /// The bound on every call, as [`with_timeout`](Self::with_timeout)
+    /// set it (1 second by default).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The quoted table name, as in `` `idempotency_records` ``.
     pub fn quoted_table(&self) -> &str {
         &self.sql.quoted
@@ -469,7 +475,7 @@ impl MySqlStore {
                 Ok(None) => Ok(None),
                 // Rolled back whole: nothing was taken.
                 Err(err) if is_deadlock(&err) => Ok(None),
-                Err(err) => Err(map_err(err)),
+                Err(err) => Err(classify(err)),
             }
         };
         sql::answered_begin(
@@ -489,20 +495,20 @@ impl MySqlStore {
 fn outcome(row: &MySqlRow, token: &LockToken) -> Result<Begin, StoreError> {
     // By position: sqlx does not learn the names of MariaDB's `RETURNING`
     // columns from the prepared statement.
-    let state: Option<i8> = row.try_get(0).map_err(map_err)?;
-    let lock_token: Option<Vec<u8>> = row.try_get(1).map_err(map_err)?;
+    let state: Option<i8> = row.try_get(0).map_err(classify)?;
+    let lock_token: Option<Vec<u8>> = row.try_get(1).map_err(classify)?;
     if state == Some(0) && lock_token.as_deref() == Some(&token.to_bytes()[..]) {
         return Ok(Begin::Acquired(*token));
     }
     sql::live_row(
         state.map(i64::from),
-        row.try_get(2).map_err(map_err)?,
-        row.try_get(3).map_err(map_err)?,
+        row.try_get(2).map_err(classify)?,
+        row.try_get(3).map_err(classify)?,
     )
 }
 
-fn map_err(err: sqlx::Error) -> StoreError {
-    sql::map_err(err, unavailable)
+fn classify(err: sqlx::Error) -> StoreError {
+    sql::classify(err, unavailable)
 }
 
 /// Errors that mean the server cannot serve now, rather than that the

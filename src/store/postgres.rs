@@ -410,8 +410,9 @@ impl PostgresStore {
         )
     }
 
-    /// The bound on every call.
-    pub(super) fn timeout(&self) -> Duration {
+    /// The bound on every call, as [`with_timeout`](Self::with_timeout)
+    /// set it (1 second by default).
+    pub fn timeout(&self) -> Duration {
         self.timeout
     }
 
@@ -457,11 +458,11 @@ impl PostgresStore {
                 .bind(lease)
                 .fetch_optional(&store.pool)
                 .await
-                .map_err(map_err)?;
+                .map_err(classify)?;
             let Some(row) = row else {
                 return Ok(None);
             };
-            let acquired: bool = row.try_get("acquired").map_err(map_err)?;
+            let acquired: bool = row.try_get("acquired").map_err(classify)?;
             if acquired {
                 return Ok(Some(Begin::Acquired(t)));
             }
@@ -477,11 +478,11 @@ impl PostgresStore {
 /// A live row (its `state`, `fingerprint` and `record` columns) as the
 /// outcome of a `begin` that did not take the key: in flight, or completed.
 pub(super) fn live_row(row: &sqlx::postgres::PgRow) -> Result<Begin, StoreError> {
-    let state: Option<i16> = row.try_get("state").map_err(map_err)?;
+    let state: Option<i16> = row.try_get("state").map_err(classify)?;
     sql::live_row(
         state.map(i64::from),
-        row.try_get("fingerprint").map_err(map_err)?,
-        row.try_get("record").map_err(map_err)?,
+        row.try_get("fingerprint").map_err(classify)?,
+        row.try_get("record").map_err(classify)?,
     )
 }
 
@@ -490,8 +491,8 @@ pub(super) fn interval_secs(d: Duration) -> f64 {
 }
 
 /// Connection-level failures are `Unavailable`; everything else `Backend`.
-pub(super) fn map_err(err: sqlx::Error) -> StoreError {
-    sql::map_err(err, unavailable)
+fn classify(err: sqlx::Error) -> StoreError {
+    sql::classify(err, unavailable)
 }
 
 /// SQLSTATEs that mean the server cannot serve now, rather than that the

@@ -379,6 +379,12 @@ impl TransactionalPostgresStore {
         self.pg.pool()
     }
 
+    /// The bound on every call, as [`with_timeout`](Self::with_timeout)
+    /// set it (1 second by default).
+    pub fn timeout(&self) -> Duration {
+        self.pg.timeout()
+    }
+
     /// The quoted, schema-qualified table name, as in `"public"."idempotency_records"`.
     pub fn qualified_table(&self) -> &str {
         self.pg.qualified_table()

@@ -100,7 +100,9 @@ use bytes::{BufMut, Bytes};
 pub use ::redis as driver;
 pub use ::redis::aio::ConnectionManager;
 
-use super::{Begin, DEFAULT_TIMEOUT, LockToken, Store, StoreError, StoreKey, Unsettled};
+use super::{
+    Begin, DEFAULT_TIMEOUT, LockToken, MAX_EXPIRY, Store, StoreError, StoreKey, Unsettled,
+};
 use crate::fingerprint::Fingerprint;
 use crate::record::Record;
 
@@ -108,9 +110,6 @@ const DEFAULT_PREFIX: &str = "idempotency:";
 /// The bound on [`RedisStore::from_url`], connecting and loading the
 /// scripts included.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Leases and ttls are capped here (about 100 years) so that Redis accepts
-/// the expiry.
-const MAX_EXPIRY_MS: u64 = 100 * 366 * 24 * 60 * 60 * 1000;
 
 const IN_FLIGHT: u8 = 0x01;
 const COMPLETED: u8 = 0x02;
@@ -195,7 +194,7 @@ impl RedisStore {
     /// [`StoreError::Backend`]. Once connected, the manager reconnects by
     /// itself after an outage, waiting at most a second between attempts.
     pub async fn from_url(url: &str) -> Result<Self, StoreError> {
-        let client = ::redis::Client::open(url).map_err(map_err)?;
+        let client = ::redis::Client::open(url).map_err(classify)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(DEFAULT_TIMEOUT))
             .set_response_timeout(None)
@@ -203,7 +202,7 @@ impl RedisStore {
         let connect = async {
             let conn = ConnectionManager::new_with_config(client, config)
                 .await
-                .map_err(map_err)?;
+                .map_err(classify)?;
             let store = Self::new(conn);
             store.load_scripts_unbounded().await?;
             Ok(store)
@@ -248,7 +247,8 @@ impl RedisStore {
         &self.prefix
     }
 
-    /// The bound on every call.
+    /// The bound on every call, as [`with_timeout`](Self::with_timeout)
+    /// set it (1 second by default).
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
@@ -278,7 +278,7 @@ impl RedisStore {
             pipe.cmd("SCRIPT").arg("LOAD").arg(source).ignore();
         }
         let mut conn = self.conn.clone();
-        pipe.exec_async(&mut conn).await.map_err(map_err)
+        pipe.exec_async(&mut conn).await.map_err(classify)
     }
 
     /// Runs `op` within the store's bound.
@@ -311,12 +311,12 @@ impl RedisStore {
             let mut conn = self.conn.clone();
             let reply = match cmd.query_async::<Value>(&mut conn).await {
                 Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                    script.load_async(&mut conn).await.map_err(map_err)?;
+                    script.load_async(&mut conn).await.map_err(classify)?;
                     cmd.query_async::<Value>(&mut conn).await
                 }
                 other => other,
             }
-            .map_err(map_err)?;
+            .map_err(classify)?;
             match reply {
                 Value::Int(1) => Ok(true),
                 Value::Int(0) => Ok(false),
@@ -360,10 +360,10 @@ impl ToRedisArgs for CompletedValue<'_> {
     }
 }
 
-/// Milliseconds for `PX` and `PEXPIRE`: at least 1, at most about a
-/// century.
+/// Milliseconds for `PX` and `PEXPIRE`: at least 1, at most
+/// [`MAX_EXPIRY`].
 fn millis(d: Duration) -> u64 {
-    crate::util::millis(d).clamp(1, MAX_EXPIRY_MS)
+    crate::util::millis(d.min(MAX_EXPIRY)).max(1)
 }
 
 /// Reads the value `SET … NX GET` found.
@@ -404,13 +404,13 @@ fn map_set_err(err: RedisError) -> StoreError {
     if syntax {
         StoreError::backend(NeedsRedis7(err))
     } else {
-        map_err(err)
+        classify(err)
     }
 }
 
 /// Connection-level failures, and replies meaning the server cannot serve
 /// now, are `Unavailable`; everything else is `Backend`.
-fn map_err(err: RedisError) -> StoreError {
+fn classify(err: RedisError) -> StoreError {
     let unavailable = err.is_io_error()
         || err.is_connection_dropped()
         || err.is_connection_refusal()

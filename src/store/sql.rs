@@ -23,9 +23,6 @@ use crate::record::Record;
 /// The least bound for `migrate` and `delete_expired`, which are not on a
 /// request's path.
 pub(crate) const MAINTENANCE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Leases and ttls are capped here (about 1000 years) so the interval
-/// arithmetic of no database can overflow.
-const MAX_INTERVAL: Duration = Duration::from_secs(1000 * 366 * 24 * 60 * 60);
 /// How often a `begin` runs again when the row it saw changed under it.
 #[cfg(any(feature = "postgres", feature = "mysql"))]
 pub(crate) const BEGIN_ATTEMPTS: usize = 5;
@@ -92,7 +89,7 @@ pub(crate) fn identifier(name: &str, max_len: usize) -> Result<String, StoreErro
 
 /// `d`, capped at about 1000 years.
 pub(crate) fn capped(d: Duration) -> Duration {
-    d.min(MAX_INTERVAL)
+    d.min(super::MAX_EXPIRY)
 }
 
 /// `d` in whole microseconds, capped, as the MySQL and SQLite statements
@@ -135,7 +132,7 @@ fn malformed(what: &'static str) -> StoreError {
 /// `unavailable` picks (a server shutting down, out of connections, a lock
 /// held too long), are [`StoreError::Unavailable`]; everything else is
 /// [`StoreError::Backend`].
-pub(crate) fn map_err(
+pub(crate) fn classify(
     err: sqlx::Error,
     unavailable: fn(&(dyn sqlx::error::DatabaseError + 'static)) -> bool,
 ) -> StoreError {
@@ -161,7 +158,7 @@ pub(crate) async fn bounded_until<T>(
     op: impl Future<Output = Result<T, sqlx::Error>>,
 ) -> Result<T, StoreError> {
     match tokio::time::timeout_at(deadline, op).await {
-        Ok(result) => result.map_err(|err| map_err(err, unavailable)),
+        Ok(result) => result.map_err(|err| classify(err, unavailable)),
         Err(_) => Err(StoreError::Timeout(limit)),
     }
 }
@@ -302,8 +299,11 @@ mod tests {
     #[cfg(any(feature = "mysql", feature = "sqlite"))]
     fn intervals_are_capped() {
         assert_eq!(micros(Duration::from_millis(1500)), 1_500_000);
-        assert_eq!(capped(Duration::MAX), MAX_INTERVAL);
-        assert_eq!(micros(Duration::MAX), MAX_INTERVAL.as_micros() as i64);
+        assert_eq!(capped(Duration::MAX), crate::store::MAX_EXPIRY);
+        assert_eq!(
+            micros(Duration::MAX),
+            crate::store::MAX_EXPIRY.as_micros() as i64
+        );
     }
 
     #[test]

@@ -397,6 +397,12 @@ impl SqliteStore {
         &self.pool
     }
 
+    /// The bound on every call, as [`with_timeout`](Self::with_timeout)
+    /// set it (1 second by default).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The quoted table name, as in `"idempotency_records"`.
     pub fn quoted_table(&self) -> &str {
         &self.sql.quoted
@@ -541,20 +547,20 @@ fn busy_timeout(timeout: Duration) -> Duration {
 /// The outcome of a `begin` from the row its statement returned: the
 /// caller's own fresh token in flight means it took the key.
 fn outcome(row: &SqliteRow, token: &LockToken) -> Result<Begin, StoreError> {
-    let state: Option<i64> = row.try_get("state").map_err(map_err)?;
-    let holder: Option<Vec<u8>> = row.try_get("lock_token").map_err(map_err)?;
+    let state: Option<i64> = row.try_get("state").map_err(classify)?;
+    let holder: Option<Vec<u8>> = row.try_get("lock_token").map_err(classify)?;
     if state == Some(0) && holder.as_deref() == Some(&token.to_bytes()[..]) {
         return Ok(Begin::Acquired(*token));
     }
     sql::live_row(
         state,
-        row.try_get("fingerprint").map_err(map_err)?,
-        row.try_get("record").map_err(map_err)?,
+        row.try_get("fingerprint").map_err(classify)?,
+        row.try_get("record").map_err(classify)?,
     )
 }
 
-fn map_err(err: sqlx::Error) -> StoreError {
-    sql::map_err(err, unavailable)
+fn classify(err: sqlx::Error) -> StoreError {
+    sql::classify(err, unavailable)
 }
 
 /// SQLite result codes (the primary code, the low byte of an extended one)
@@ -598,7 +604,7 @@ impl Store for SqliteStore {
                 .bind(lease)
                 .fetch_all(&store.pool)
                 .await
-                .map_err(map_err)?;
+                .map_err(classify)?;
             match rows.first() {
                 Some(row) => outcome(row, &token),
                 None => Err(StoreError::backend("begin returned no row")),
