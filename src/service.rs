@@ -63,6 +63,26 @@ impl<S: fmt::Debug, M> fmt::Debug for Idempotency<S, M> {
     }
 }
 
+impl<S> Idempotency<S> {
+    /// `inner` behind the layer's default settings on `store`: the same
+    /// as `IdempotencyLayer::new(store).layer(inner)`. For other settings,
+    /// build an [`IdempotencyLayer`](crate::IdempotencyLayer).
+    ///
+    /// ```
+    /// use tower_idempotency::{Idempotency, MemoryStore};
+    ///
+    /// let handler = tower::service_fn(|_req: http::Request<String>| async {
+    ///     Ok::<_, std::convert::Infallible>(http::Response::new(String::from("created")))
+    /// });
+    /// let service = Idempotency::new(handler, MemoryStore::new());
+    /// # let _ = service;
+    /// ```
+    pub fn new(inner: S, store: impl crate::store::Store) -> Self {
+        use tower_layer::Layer;
+        crate::IdempotencyLayer::new(store).layer(inner)
+    }
+}
+
 impl<S, M> Idempotency<S, M> {
     define_inner_service_accessors!();
 }
