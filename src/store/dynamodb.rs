@@ -183,6 +183,7 @@ use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkErro
 use aws_sdk_dynamodb::operation::delete_item::DeleteItemError;
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
+use aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder;
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
@@ -568,6 +569,32 @@ impl DynamoDbStore {
         (number(ttl_secs), number(end_ms))
     }
 
+    /// An `UpdateItem` of the key's item, fenced by `token` ([`FENCE`]),
+    /// with `:exp` and `:exms` the expiry `d` from now (`#exp`, `#exms`
+    /// named): the caller adds the update expression and what else it
+    /// sets.
+    fn fenced_update(
+        &self,
+        key: &StoreKey,
+        token: &LockToken,
+        d: Duration,
+    ) -> UpdateItemFluentBuilder {
+        let (ttl, end_ms) = self.expiry(d);
+        self.client
+            .update_item()
+            .table_name(&*self.table)
+            .key(PK, AttributeValue::S(self.partition_key(key)))
+            .condition_expression(FENCE)
+            .expression_attribute_names("#tok", TOKEN)
+            .expression_attribute_names("#rec", RECORD)
+            .expression_attribute_names("#exp", EXPIRES_AT)
+            .expression_attribute_names("#exms", EXPIRES_AT_MS)
+            .expression_attribute_values(":tok", token_value(token))
+            .expression_attribute_values(":exp", ttl)
+            .expression_attribute_values(":exms", end_ms)
+            .expression_attribute_values(":cutoff", self.cutoff())
+    }
+
     /// One conditional write: `None` if it applied, else the item its
     /// condition failed on (empty if the server returned none).
     /// `conditional_failed` picks the operation's condition failure out of
@@ -604,6 +631,17 @@ impl DynamoDbStore {
                 error: classify(op, e, self.timeout),
             }),
         }
+    }
+}
+
+/// The item an `UpdateItem`'s failed condition found, or the error that
+/// was not a failed condition.
+fn update_condition_failed(
+    e: UpdateItemError,
+) -> Result<Option<HashMap<String, AttributeValue>>, Box<UpdateItemError>> {
+    match e {
+        UpdateItemError::ConditionalCheckFailedException(e) => Ok(e.item),
+        other => Err(Box::new(other)),
     }
 }
 
@@ -877,30 +915,14 @@ impl Store for DynamoDbStore {
                 limit,
             }));
         }
-        let (ttl, end_ms) = self.expiry(ttl);
         let call = self
-            .client
-            .update_item()
-            .table_name(&*self.table)
-            .key(PK, AttributeValue::S(self.partition_key(key)))
+            .fenced_update(key, token, ttl)
             .update_expression("SET #rec = :rec, #exp = :exp, #exms = :exms")
-            .condition_expression(FENCE)
-            .expression_attribute_names("#tok", TOKEN)
-            .expression_attribute_names("#rec", RECORD)
-            .expression_attribute_names("#exp", EXPIRES_AT)
-            .expression_attribute_names("#exms", EXPIRES_AT_MS)
-            .expression_attribute_values(":tok", token_value(token))
             .expression_attribute_values(":rec", blob(encoded))
-            .expression_attribute_values(":exp", ttl)
-            .expression_attribute_values(":exms", end_ms)
-            .expression_attribute_values(":cutoff", self.cutoff())
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send();
         let old = self
-            .conditional("UpdateItem", call, |e| match e {
-                UpdateItemError::ConditionalCheckFailedException(e) => Ok(e.item),
-                other => Err(Box::new(other)),
-            })
+            .conditional("UpdateItem", call, update_condition_failed)
             .await?;
         Ok(match old {
             None => true,
@@ -937,28 +959,12 @@ impl Store for DynamoDbStore {
         token: &LockToken,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        let (ttl, end_ms) = self.expiry(lease);
         let call = self
-            .client
-            .update_item()
-            .table_name(&*self.table)
-            .key(PK, AttributeValue::S(self.partition_key(key)))
+            .fenced_update(key, token, lease)
             .update_expression("SET #exp = :exp, #exms = :exms")
-            .condition_expression(FENCE)
-            .expression_attribute_names("#tok", TOKEN)
-            .expression_attribute_names("#rec", RECORD)
-            .expression_attribute_names("#exp", EXPIRES_AT)
-            .expression_attribute_names("#exms", EXPIRES_AT_MS)
-            .expression_attribute_values(":tok", token_value(token))
-            .expression_attribute_values(":exp", ttl)
-            .expression_attribute_values(":exms", end_ms)
-            .expression_attribute_values(":cutoff", self.cutoff())
             .send();
         let old = self
-            .conditional("UpdateItem", call, |e| match e {
-                UpdateItemError::ConditionalCheckFailedException(e) => Ok(e.item),
-                other => Err(Box::new(other)),
-            })
+            .conditional("UpdateItem", call, update_condition_failed)
             .await?;
         Ok(old.is_none())
     }
