@@ -238,7 +238,7 @@ impl Record {
     /// Encodes the record in the versioned binary format described in the
     /// [module docs](self).
     pub fn encode(&self) -> Bytes {
-        let len = 2 + 1 + 1 + 32 + 8 + 2 + self.fields_len() + 4 + self.body.len() + CHECKSUM_LEN;
+        let len = self.encoded_len();
         let mut out = BytesMut::with_capacity(len);
         out.put_slice(MAGIC);
         out.put_u8(self.format_version());
@@ -251,7 +251,14 @@ impl Record {
         out.put_slice(&self.body);
         let sum = checksum(&out);
         out.put_slice(&sum);
+        debug_assert_eq!(out.len(), len, "encoded_len disagrees with encode");
         out.freeze()
+    }
+
+    /// The length of [`encode`](Self::encode)'s output, without encoding:
+    /// what a store with a size limit compares against it.
+    pub(crate) fn encoded_len(&self) -> usize {
+        2 + 1 + 1 + 32 + 8 + 2 + self.fields_len() + 4 + self.body.len() + CHECKSUM_LEN
     }
 
     /// The in-process form, for stores that keep records in memory: one
@@ -261,13 +268,15 @@ impl Record {
     /// header lists, and [`from_compact`](Self::from_compact) shares the
     /// buffer instead of copying it.
     pub(crate) fn to_compact(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(1 + 32 + 8 + 2 + self.fields_len() + self.body.len());
+        let len = 1 + 32 + 8 + 2 + self.fields_len() + self.body.len();
+        let mut out = BytesMut::with_capacity(len);
         out.put_u8(self.kind_byte());
         out.put_slice(self.fingerprint.as_bytes());
         out.put_u64(self.created_at_ms);
         out.put_u16(self.status.as_u16());
         self.put_fields(&mut out);
         out.put_slice(&self.body);
+        debug_assert_eq!(out.len(), len, "to_compact's size estimate is wrong");
         out.freeze()
     }
 
@@ -497,6 +506,28 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("a=1"), "a header value leaked: {text}");
+    }
+
+    #[test]
+    fn encoded_len_is_the_encodings_length() {
+        let bare = Record::tombstone(Fingerprint::from_bytes([1; 32]), StatusCode::OK, vec![]);
+        let with_trailers = sample().with_trailers(vec![(
+            HeaderName::from_static("grpc-status"),
+            HeaderValue::from_static("0"),
+        )]);
+        for record in [bare, sample(), with_trailers] {
+            assert_eq!(record.encoded_len(), record.encode().len(), "{record:?}");
+            let compact = record.to_compact();
+            assert_eq!(Record::from_compact(compact).unwrap(), record);
+        }
+    }
+
+    #[test]
+    fn too_short_is_truncated_and_eight_bytes_fail_their_checksum() {
+        let err = Record::decode(&[0; CHECKSUM_LEN - 1]).unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+        let err = Record::decode(&[0; CHECKSUM_LEN]).unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err}");
     }
 
     #[test]

@@ -372,7 +372,7 @@ impl Shared {
         let body_limit = match store_limit {
             Some(max) => {
                 let around = Record::tombstone(fingerprint, parts.status, headers.clone());
-                max.saturating_sub(around.encode().len())
+                max.saturating_sub(around.encoded_len())
                     .min(self.config.max_response_body)
             }
             None => self.config.max_response_body,
@@ -387,7 +387,7 @@ impl Shared {
                 // the store's limit: a tombstone then, and the client gets
                 // the body.
                 let record = if trailers.is_some()
-                    && store_limit.is_some_and(|max| record.encode().len() > max)
+                    && store_limit.is_some_and(|max| record.encoded_len() > max)
                 {
                     Record::tombstone(fingerprint, parts.status, record.headers().to_vec())
                 } else {
