@@ -214,6 +214,10 @@ impl<M> fmt::Debug for IdempotencyLayer<M> {
     }
 }
 
+/// The largest body a record can hold: its length is encoded in 32 bits.
+/// [`IdempotencyLayer::with_max_response_body`] clamps to it.
+const MAX_RECORDED_BODY: usize = u32::MAX as usize;
+
 impl IdempotencyLayer {
     /// A layer over `store` with the default settings.
     pub fn new(store: impl Store) -> Self {
@@ -423,10 +427,11 @@ impl<M> IdempotencyLayer<M> {
         self.config(|c| c.max_request_body = bytes)
     }
 
-    /// The largest response body that is recorded (default 4 MiB). A larger
-    /// response still reaches the client in full, and the key records a
-    /// tombstone: retries are told the request completed, and it never runs
-    /// again.
+    /// The largest response body that is recorded (default 4 MiB), at most
+    /// 4 GiB − 1 (a record holds a body's length in 32 bits; larger values
+    /// are clamped to it). A larger response still reaches
+    /// the client in full, and the key records a tombstone: retries are
+    /// told the request completed, and it never runs again.
     ///
     /// ```
     /// use axum::{Router, body::Body, http::Request, routing::post};
@@ -444,7 +449,7 @@ impl<M> IdempotencyLayer<M> {
     /// # }
     /// ```
     pub fn with_max_response_body(self, bytes: usize) -> Self {
-        self.config(|c| c.max_response_body = bytes)
+        self.config(|c| c.max_response_body = bytes.min(MAX_RECORDED_BODY))
     }
 
     /// Scopes keys by tenant or principal: the same key under two scopes is

@@ -377,7 +377,10 @@ fn checksum(bytes: &[u8]) -> [u8; CHECKSUM_LEN] {
 }
 
 fn len_u32(len: usize) -> u32 {
-    // Bodies are bounded by the layer's `max_response_body`, far below 4 GiB.
+    // Bodies are bounded by the layer's `max_response_body`, which is
+    // clamped to `MAX_RECORDED_BODY`; header values and lists are far
+    // smaller.
+    debug_assert!(u32::try_from(len).is_ok(), "a length past 32 bits: {len}");
     u32::try_from(len).unwrap_or(u32::MAX)
 }
 
