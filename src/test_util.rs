@@ -363,7 +363,14 @@ pub async fn keys_are_independent(store: Arc<dyn Store>) {
 #[macro_export]
 macro_rules! store_conformance_tests {
     ($make:path, $teardown:path) => {
-        $crate::store_conformance_tests!(@torn $make, $teardown;
+        $crate::store_conformance_tests!(@checks (@torn $make, $teardown));
+    };
+    ($make:path) => {
+        $crate::store_conformance_tests!(@checks (@tests $make));
+    };
+    // The one list of checks, handed to the arm that stamps them out.
+    (@checks ($($arm:tt)*)) => {
+        $crate::store_conformance_tests!($($arm)*;
             begin_is_exclusive,
             replay_after_complete,
             stored_fingerprint_is_returned,
@@ -393,21 +400,6 @@ macro_rules! store_conformance_tests {
                 }
             }
         )*
-    };
-    ($make:path) => {
-        $crate::store_conformance_tests!(@tests $make;
-            begin_is_exclusive,
-            replay_after_complete,
-            stored_fingerprint_is_returned,
-            fencing_after_lease_expiry,
-            release_allows_retry,
-            extend_keeps_the_lock,
-            ttl_expires,
-            large_record_round_trip,
-            value_record_round_trip,
-            complete_without_lock_is_refused,
-            keys_are_independent,
-        );
     };
     (@tests $make:path; $($check:ident),* $(,)?) => {
         $(
