@@ -304,8 +304,9 @@ pub async fn delete_prefix(url: &str, prefix: &str) {
 }
 
 /// Deletes every Redis key under its prefix when dropped, so a test leaves
-/// nothing behind even when it fails. Synchronous (the redis crate's
-/// blocking connection), as `Drop` cannot wait on a future.
+/// nothing behind even when it fails. `Drop` cannot await, so it runs
+/// [`delete_prefix`] on a runtime of its own, on a thread of its own; a
+/// failure there (a server gone) is left to the keys' ttl.
 #[cfg(feature = "redis")]
 pub struct DeleteOnDrop {
     url: String,
@@ -325,33 +326,15 @@ impl DeleteOnDrop {
 #[cfg(feature = "redis")]
 impl Drop for DeleteOnDrop {
     fn drop(&mut self) {
-        use tower_idempotency::store::redis::driver;
-        let Ok(client) = driver::Client::open(self.url.as_str()) else {
-            return;
-        };
-        let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_secs(2)) else {
-            return;
-        };
-        let mut cursor = 0u64;
-        loop {
-            let Ok((next, keys)) = driver::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{}*", self.prefix))
-                .arg("COUNT")
-                .arg(1000)
-                .query::<(u64, Vec<String>)>(&mut conn)
-            else {
-                return;
-            };
-            if !keys.is_empty() {
-                let _ = driver::cmd("DEL").arg(&keys).query::<usize>(&mut conn);
-            }
-            if next == 0 {
-                return;
-            }
-            cursor = next;
-        }
+        let (url, prefix) = (self.url.clone(), self.prefix.clone());
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(delete_prefix(&url, &prefix));
+        })
+        .join();
     }
 }
 
