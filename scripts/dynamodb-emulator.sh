@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A DynamoDB-compatible server for the DynamoDB store's tests: moto in server
-# mode, installed into a virtual environment under target/tools/moto.
+# mode, installed into a virtual environment under target/tools/moto, and
+# served one request at a time (scripts/moto-serial.py says why).
 #
 #   scripts/dynamodb-emulator.sh start    install if missing, start, wait until it answers
 #   scripts/dynamodb-emulator.sh stop     stop the server started by `start` (by its PID file)
@@ -69,7 +70,7 @@ start() {
         return 0
     fi
     rm -f "$PID_FILE"
-    nohup "$VENV/bin/moto_server" -H "$HOST" -p "$PORT" >"$LOG_FILE" 2>&1 </dev/null &
+    nohup "$VENV/bin/python" "$ROOT/scripts/moto-serial.py" "$HOST" "$PORT" >"$LOG_FILE" 2>&1 </dev/null &
     echo $! >"$PID_FILE"
     for _ in $(seq 1 150); do
         if answers; then
@@ -77,14 +78,14 @@ start() {
             return 0
         fi
         if ! running_pid >/dev/null; then
-            echo "dynamodb-emulator: moto_server exited; its log:" >&2
+            echo "dynamodb-emulator: the moto server exited; its log:" >&2
             cat "$LOG_FILE" >&2 || true
             rm -f "$PID_FILE"
             return 1
         fi
         sleep 0.2
     done
-    echo "dynamodb-emulator: moto_server did not answer on $ENDPOINT within 30 s" >&2
+    echo "dynamodb-emulator: the moto server did not answer on $ENDPOINT within 30 s" >&2
     stop
     return 1
 }
