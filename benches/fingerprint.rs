@@ -3,7 +3,7 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use http::{HeaderMap, Method, Uri};
-use tower_idempotency::FingerprintConfig;
+use tower_idempotency::fingerprint::FingerprintConfig;
 
 /// A JSON order of about `size` bytes: a few fields and a list of items.
 fn body(size: usize) -> Vec<u8> {

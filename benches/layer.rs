@@ -170,7 +170,7 @@ fn tower_stack(c: &mut Criterion) {
 fn fingerprint(c: &mut Criterion) {
     use criterion::Throughput;
     use sha2::{Digest, Sha256};
-    use tower_idempotency::FingerprintConfig;
+    use tower_idempotency::fingerprint::FingerprintConfig;
 
     let config = FingerprintConfig::default();
     let uri: axum::http::Uri = "/orders?page=1".parse().unwrap();

@@ -13,7 +13,12 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, StatusCode};
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
 use tower_idempotency::test_util::random_key;
-use tower_idempotency::{Begin, Fingerprint, MemoryStore, Record, Store};
+use tower_idempotency::{
+    MemoryStore,
+    fingerprint::Fingerprint,
+    record::Record,
+    store::{Begin, Store},
+};
 
 // The crate forbids unsafe code, so the counting allocator comes from a
 // crate that wraps the system allocator.

@@ -30,7 +30,13 @@ use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceExt, service_fn};
 use tower_idempotency::message::{BytesCodec, IdempotentConsumer, MessageKey, Processed};
 use tower_idempotency::store::postgres::PgPool;
-use tower_idempotency::{MemoryStore, PostgresStore, Store, TransactionalPostgresStore};
+use tower_idempotency::{
+    MemoryStore,
+    store::{
+        Store,
+        postgres::{PostgresStore, TransactionalPostgresStore},
+    },
+};
 
 /// The consumer's scope in every key.
 const SCOPE: &str = "bench";

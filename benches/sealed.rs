@@ -11,7 +11,11 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tower_idempotency::store::sealed::{RecordKey, SealedStore};
 use tower_idempotency::test_util::{random_key, sample_record};
-use tower_idempotency::{Begin, Fingerprint, MemoryStore, Store};
+use tower_idempotency::{
+    MemoryStore,
+    fingerprint::Fingerprint,
+    store::{Begin, Store},
+};
 
 const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(3600);

@@ -108,7 +108,11 @@ use tower_idempotency::message::{
 };
 use tower_idempotency::store::Attachment;
 use tower_idempotency::{
-    IdempotentTransaction, MemoryStore, PostgresStore, Store, TransactionalPostgresStore,
+    MemoryStore,
+    store::{
+        Store,
+        postgres::{IdempotentTransaction, PostgresStore, TransactionalPostgresStore},
+    },
 };
 
 type BoxError = Box<dyn Error + Send + Sync>;
@@ -553,7 +557,7 @@ async fn records(kind: StoreKind, pool: &sqlx::PgPool) -> Result<Arc<dyn Store>,
             let url =
                 std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
             Arc::new(
-                tower_idempotency::RedisStore::from_url(&url)
+                tower_idempotency::store::redis::RedisStore::from_url(&url)
                     .await?
                     .with_prefix("examples-consumer:"),
             )

@@ -12,7 +12,7 @@
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Extension, Router};
-use tower_idempotency::{IdempotencyKey, IdempotencyLayer, MemoryStore};
+use tower_idempotency::{IdempotencyLayer, MemoryStore, key::IdempotencyKey};
 
 /// Stands in for a payment provider's client.
 async fn charge(provider_key: &str, body: &str) -> String {

@@ -54,7 +54,7 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use tower_idempotency::{IdempotencyLayer, MemoryStore, Store};
+use tower_idempotency::{IdempotencyLayer, MemoryStore, store::Store};
 
 #[derive(Deserialize)]
 #[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
@@ -121,7 +121,7 @@ async fn store() -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
     };
     #[cfg(feature = "encryption")]
     {
-        use tower_idempotency::store::{RecordKey, SealedStore};
+        use tower_idempotency::store::sealed::{RecordKey, SealedStore};
         let key = RecordKey::from_hex(hex.trim())?;
         tracing::info!(key_id = %format!("{:08x}", key.id()), "sealing records (AES-256-GCM)");
         Ok(Arc::new(SealedStore::new(store, key)))
@@ -148,7 +148,7 @@ async fn backend() -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
     if let Ok(url) = std::env::var("REDIS_URL") {
         tracing::info!("using RedisStore");
         return Ok(Arc::new(
-            tower_idempotency::RedisStore::from_url(&url).await?,
+            tower_idempotency::store::redis::RedisStore::from_url(&url).await?,
         ));
     }
     if let Ok(url) = std::env::var("DATABASE_URL")
@@ -166,7 +166,7 @@ async fn backend() -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
 async fn dynamodb_store(table: String) -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
     use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
     use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
-    use tower_idempotency::store::DynamoDbStore;
+    use tower_idempotency::store::dynamodb::DynamoDbStore;
 
     let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     let region = var("AWS_REGION").unwrap_or_else(|| "us-east-1".to_owned());
@@ -203,7 +203,7 @@ async fn sql_store(url: &str) -> Result<Option<Arc<dyn Store>>, Box<dyn std::err
                 .test_before_acquire(false)
                 .connect(url)
                 .await?;
-            let store = tower_idempotency::PostgresStore::new(pool);
+            let store = tower_idempotency::store::postgres::PostgresStore::new(pool);
             store.migrate().await?;
             store.spawn_sweeper(Duration::from_secs(60), 1000);
             Ok(Some(Arc::new(store)))
@@ -218,7 +218,7 @@ async fn sql_store(url: &str) -> Result<Option<Arc<dyn Store>>, Box<dyn std::err
                 .test_before_acquire(false)
                 .connect_with(options)
                 .await?;
-            let store = tower_idempotency::store::MySqlStore::new(pool);
+            let store = tower_idempotency::store::mysql::MySqlStore::new(pool);
             store.migrate().await?;
             store.spawn_sweeper(Duration::from_secs(60), 1000);
             Ok(Some(Arc::new(store)))
@@ -226,7 +226,7 @@ async fn sql_store(url: &str) -> Result<Option<Arc<dyn Store>>, Box<dyn std::err
         #[cfg(feature = "sqlite")]
         "sqlite" => {
             tracing::info!("using SqliteStore");
-            let store = tower_idempotency::store::SqliteStore::open(url).await?;
+            let store = tower_idempotency::store::sqlite::SqliteStore::open(url).await?;
             store.migrate().await?;
             store.spawn_sweeper(Duration::from_secs(60), 1000);
             Ok(Some(Arc::new(store)))

@@ -31,7 +31,10 @@ use axum::routing::post;
 use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Row};
-use tower_idempotency::{IdempotencyLayer, IdempotentTransaction, TransactionalPostgresStore};
+use tower_idempotency::{
+    IdempotencyLayer,
+    store::postgres::{IdempotentTransaction, TransactionalPostgresStore},
+};
 
 #[derive(Deserialize)]
 struct NewOrder {

@@ -241,7 +241,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
 async fn consumer() -> Result<IdempotentConsumer<JsonCodec>, Box<dyn Error>> {
     #[cfg(feature = "redis")]
     if let Ok(url) = std::env::var("REDIS_URL") {
-        let store = tower_idempotency::RedisStore::from_url(&url)
+        let store = tower_idempotency::store::redis::RedisStore::from_url(&url)
             .await?
             .with_prefix("orders-example:");
         tracing::info!("records in Redis");

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use axum::http::{HeaderName, StatusCode};
 use axum::routing::post;
 use axum::{Extension, Router};
-use tower_idempotency::{IdempotencyKey, IdempotencyLayer, MemoryStore};
+use tower_idempotency::{IdempotencyLayer, MemoryStore, key::IdempotencyKey};
 
 async fn github(
     Extension(delivery): Extension<IdempotencyKey>,

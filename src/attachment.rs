@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 /// Request-scoped state that a store hands the handler once the lock is
 /// taken, such as the open transaction of
-/// [`TransactionalPostgresStore`](crate::store::TransactionalPostgresStore).
+/// [`TransactionalPostgresStore`](crate::store::postgres::TransactionalPostgresStore).
 ///
 /// It is transport-neutral: a store builds it from any cloneable value,
 /// and each face delivers it its own way. The HTTP layer inserts the value

@@ -50,7 +50,7 @@ pub(crate) fn hex_prefix(bytes: &[u8; 32]) -> String {
 /// endpoint is therefore a mismatch too.
 ///
 /// ```
-/// use tower_idempotency::FingerprintConfig;
+/// use tower_idempotency::fingerprint::FingerprintConfig;
 ///
 /// // Also treat a different `Content-Type` as a different request, and
 /// // ignore the query string.
@@ -126,7 +126,7 @@ impl FingerprintConfig {
     ///
     /// ```
     /// use http::{HeaderMap, Method, Uri};
-    /// use tower_idempotency::FingerprintConfig;
+    /// use tower_idempotency::fingerprint::FingerprintConfig;
     ///
     /// let config = FingerprintConfig::default().with_canonical_json();
     /// let uri = Uri::from_static("/payments");
@@ -152,7 +152,7 @@ impl FingerprintConfig {
     ///
     /// ```
     /// use http::{HeaderMap, Method, Uri};
-    /// use tower_idempotency::FingerprintConfig;
+    /// use tower_idempotency::fingerprint::FingerprintConfig;
     ///
     /// let config = FingerprintConfig::default()
     ///     .with_json_members(["/amount", "/to"])
@@ -183,7 +183,7 @@ impl FingerprintConfig {
     ///
     /// ```
     /// use http::{HeaderMap, Method, Uri};
-    /// use tower_idempotency::FingerprintConfig;
+    /// use tower_idempotency::fingerprint::FingerprintConfig;
     ///
     /// // The key names the operation: the method does not count.
     /// let config = FingerprintConfig::default().with_method(false);
@@ -201,7 +201,7 @@ impl FingerprintConfig {
     ///
     /// ```
     /// use http::{HeaderMap, Method, Uri};
-    /// use tower_idempotency::FingerprintConfig;
+    /// use tower_idempotency::fingerprint::FingerprintConfig;
     ///
     /// // One resource under two routes: the path does not count.
     /// let config = FingerprintConfig::default().with_path(false);
@@ -219,7 +219,7 @@ impl FingerprintConfig {
     ///
     /// ```
     /// use http::{HeaderMap, Method, Uri};
-    /// use tower_idempotency::FingerprintConfig;
+    /// use tower_idempotency::fingerprint::FingerprintConfig;
     ///
     /// // Clients add a cache-busting `?ts=` to each attempt.
     /// let config = FingerprintConfig::default().with_query(false);
@@ -237,7 +237,7 @@ impl FingerprintConfig {
     ///
     /// ```
     /// use http::{HeaderMap, Method, Uri};
-    /// use tower_idempotency::FingerprintConfig;
+    /// use tower_idempotency::fingerprint::FingerprintConfig;
     ///
     /// let config = FingerprintConfig::default().with_body(false);
     /// let uri = Uri::from_static("/orders");
@@ -254,7 +254,7 @@ impl FingerprintConfig {
     ///
     /// ```
     /// use http::{HeaderMap, HeaderValue, Method, Uri, header::CONTENT_TYPE};
-    /// use tower_idempotency::FingerprintConfig;
+    /// use tower_idempotency::fingerprint::FingerprintConfig;
     ///
     /// let config = FingerprintConfig::default().with_header(CONTENT_TYPE);
     /// let uri = Uri::from_static("/orders");
@@ -276,7 +276,7 @@ impl FingerprintConfig {
     ///
     /// ```
     /// use http::{HeaderMap, Method, Uri};
-    /// use tower_idempotency::FingerprintConfig;
+    /// use tower_idempotency::fingerprint::FingerprintConfig;
     ///
     /// let config = FingerprintConfig::default();
     /// let uri: Uri = "/orders?x=1".parse().unwrap();

@@ -30,7 +30,7 @@ pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-
 ///
 /// ```
 /// use axum::http::StatusCode;
-/// use tower_idempotency::IdempotencyKey;
+/// use tower_idempotency::key::IdempotencyKey;
 ///
 /// # #[cfg(feature = "axum")]
 /// async fn create_payment(key: IdempotencyKey) -> StatusCode {
@@ -130,7 +130,7 @@ pub(crate) fn key_from_headers(
 /// key it names (in characters, without quotes) against `min_len..=max_len`.
 ///
 /// ```
-/// use tower_idempotency::key::{parse_key, KeyError};
+/// use tower_idempotency::key::{KeyError, parse_key};
 ///
 /// assert_eq!(parse_key(b"\"abc\"", 1, 255).unwrap().as_str(), "abc");
 /// assert_eq!(parse_key(b"abc", 1, 255).unwrap().as_str(), "abc");

@@ -576,7 +576,7 @@ impl<M> IdempotencyLayer<M> {
     /// What the fingerprint covers (default: method, path and query, body).
     ///
     /// ```
-    /// use tower_idempotency::{FingerprintConfig, IdempotencyLayer, MemoryStore};
+    /// use tower_idempotency::{IdempotencyLayer, MemoryStore, fingerprint::FingerprintConfig};
     ///
     /// // Clients may reorder JSON members between retries.
     /// let layer = IdempotencyLayer::new(MemoryStore::new())

@@ -65,7 +65,7 @@
 //! # Guarantees
 //!
 //! - Two requests with the same key never run the handler at the same time:
-//!   [`Store::begin`] is one atomic step, and the loser gets 409.
+//!   [`Store::begin`](store::Store::begin) is one atomic step, and the loser gets 409.
 //! - A handler whose client disconnects still runs to completion, and its
 //!   response is recorded for the retry.
 //! - A handler that panics, fails, or answers a status that is not recorded
@@ -73,7 +73,7 @@
 //! - A process that dies mid-request leaves a lock that expires with its
 //!   lease (30 s by default); the next retry then runs. If the handler had
 //!   already caused a side effect, that retry runs it again: derive keys for
-//!   downstream calls from [`IdempotencyKey::derive`] so they deduplicate
+//!   downstream calls from [`IdempotencyKey::derive`](key::IdempotencyKey::derive) so they deduplicate
 //!   too.
 //! - A holder whose lease was taken over cannot write its record (fencing).
 //! - A store that fails answers 503 (fail closed) by default: no request
@@ -102,7 +102,7 @@
 //! ```
 //!
 //! A face turns its input into a store key and a fingerprint and its
-//! handler's outcome into a [`Record`]; everything that decides whether a
+//! handler's outcome into a [`Record`](record::Record); everything that decides whether a
 //! handler runs, and what happens when something fails, lives once in the
 //! engine. Stores see neither HTTP nor brokers, so a new backend serves
 //! both faces, and the conformance suite ([`test_util`], feature
@@ -174,7 +174,7 @@
 //! | `DynamoDbStore` (feature `dynamodb`) | services on AWS without a database to spare: one conditional request per step. |
 //! | `TransactionalPostgresStore` (feature `postgres`) | the handler writes to that same database: its writes and the record commit in one transaction, so a crash can never run it twice. |
 //!
-//! Any other backend implements [`Store`] and proves itself with the
+//! Any other backend implements [`Store`](store::Store) and proves itself with the
 //! conformance suite in `test_util` (feature `test-util`). Every store
 //! serves both the HTTP layer and the message face.
 //!
@@ -213,7 +213,7 @@
 //! # Observability
 //!
 //! Each keyed request runs in a `tracing` span named `idempotency` that
-//! records the [`Outcome`], the status, the store latency and a hash prefix
+//! records the [`Outcome`](observe::Outcome), the status, the store latency and a hash prefix
 //! of the key (never the key); the `metrics` feature adds counters and
 //! histograms. See [`observe`].
 //!
@@ -301,27 +301,11 @@ mod test_helpers;
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
+// The layer, its service and what configures them sit at the root, with the
+// default store; every other item has one path, in its module.
 pub use body::{BodyMode, KeepBody, RequestBody, ResponseBody, WrapBody};
-#[cfg(feature = "client")]
-#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
-pub use client::{IdempotentClient, IdempotentClientLayer};
 pub use engine::{InFlightPolicy, StoreErrorPolicy};
-pub use fingerprint::{Fingerprint, FingerprintConfig};
 pub use future::ResponseFuture;
-pub use key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
 pub use layer::{IdempotencyLayer, Retention, default_record_if};
-pub use message::{IdempotentConsumer, MessageKey, MessageLayer, Processed};
-pub use observe::Outcome;
-pub use problem::Rejection;
-pub use record::{Record, RecordKind};
 pub use service::Idempotency;
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use store::PostgresStore;
-#[cfg(feature = "redis")]
-#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use store::RedisStore;
-pub use store::{Begin, BoxError, LockToken, MemoryStore, Store, StoreError, StoreKey};
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use store::{IdempotentTransaction, TransactionalPostgresStore};
+pub use store::memory::{MemoryStore, MemoryStoreBuilder};

@@ -52,7 +52,7 @@
 //!
 //! | store | a crash after the side effect, before the record |
 //! |---|---|
-//! | [`TransactionalPostgresStore`](crate::store::TransactionalPostgresStore) | the side effect and the record commit in one transaction: exactly once |
+//! | [`TransactionalPostgresStore`](crate::store::postgres::TransactionalPostgresStore) | the side effect and the record commit in one transaction: exactly once |
 //! | every other store | the lock expires with its lease and the redelivery runs again: at least once between effect and record |
 //!
 //! # Poison messages
@@ -618,7 +618,7 @@ impl<C> IdempotentConsumer<C> {
     ///
     /// The handler receives the store's [`Attachment`], if it has one: the
     /// open transaction of a
-    /// [`TransactionalPostgresStore`](crate::store::TransactionalPostgresStore)
+    /// [`TransactionalPostgresStore`](crate::store::postgres::TransactionalPostgresStore)
     /// (`attachment.get::<IdempotentTransaction>()`), on which its writes
     /// commit together with the record.
     ///

@@ -74,7 +74,7 @@ impl ProblemDocs {
     /// `key-reused`) follows it directly, so end it with `/` or `#`.
     ///
     /// ```
-    /// use tower_idempotency::Rejection;
+    /// use tower_idempotency::problem::Rejection;
     /// use tower_idempotency::problem::ProblemDocs;
     ///
     /// let docs = ProblemDocs::new().with_type_base("https://api.example.com/problems/");
@@ -91,7 +91,7 @@ impl ProblemDocs {
     /// problem response.
     ///
     /// ```
-    /// use tower_idempotency::Rejection;
+    /// use tower_idempotency::problem::Rejection;
     /// use tower_idempotency::problem::ProblemDocs;
     ///
     /// let docs = ProblemDocs::new()

@@ -100,7 +100,7 @@ impl Record {
     /// ```
     /// use bytes::Bytes;
     /// use http::{HeaderName, HeaderValue, StatusCode};
-    /// use tower_idempotency::{Fingerprint, Record};
+    /// use tower_idempotency::{fingerprint::Fingerprint, record::Record};
     ///
     /// let record = Record::response(
     ///     Fingerprint::from_bytes([7; 32]),
@@ -153,7 +153,7 @@ impl Record {
     ///
     /// ```
     /// use bytes::Bytes;
-    /// use tower_idempotency::{Fingerprint, Record, RecordKind};
+    /// use tower_idempotency::{fingerprint::Fingerprint, record::{Record, RecordKind}};
     ///
     /// let record = Record::value(Fingerprint::from_bytes([1; 32]), Bytes::from_static(b"42"));
     /// let decoded = Record::decode(&record.encode()).unwrap();
@@ -177,7 +177,7 @@ impl Record {
     /// ```
     /// use bytes::Bytes;
     /// use http::{HeaderName, HeaderValue, StatusCode};
-    /// use tower_idempotency::{Fingerprint, Record};
+    /// use tower_idempotency::{fingerprint::Fingerprint, record::Record};
     ///
     /// let record = Record::response(Fingerprint::from_bytes([7; 32]), StatusCode::OK, vec![], Bytes::new())
     ///     .with_trailers(vec![(HeaderName::from_static("grpc-status"), HeaderValue::from_static("0"))]);

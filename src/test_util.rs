@@ -5,7 +5,7 @@
 //!
 //! ```
 //! use std::sync::Arc;
-//! use tower_idempotency::{MemoryStore, Store};
+//! use tower_idempotency::{MemoryStore, store::Store};
 //!
 //! async fn make_store() -> Option<Arc<dyn Store>> {
 //!     // Return `None` to skip (for example when a server URL is unset).
@@ -286,7 +286,7 @@ pub async fn value_record_round_trip(store: Arc<dyn Store>) {
         let record = Record::value(fp(13), value.clone());
         assert!(store.complete(&key, &token, &record, TTL).await.unwrap());
         let replay = completed(&*store, &key).await;
-        assert_eq!(replay.kind(), crate::RecordKind::Value);
+        assert_eq!(replay.kind(), crate::record::RecordKind::Value);
         assert_eq!(replay.body(), &value);
         assert_eq!(*replay.fingerprint(), fp(13));
     }
@@ -343,7 +343,7 @@ pub async fn keys_are_independent(store: Arc<dyn Store>) {
 ///
 /// ```
 /// use std::sync::Arc;
-/// use tower_idempotency::{MemoryStore, Store};
+/// use tower_idempotency::{MemoryStore, store::Store};
 ///
 /// async fn make_store() -> Option<(Arc<dyn Store>, String)> {
 ///     let table = format!("conformance_{}", std::process::id());

@@ -25,7 +25,9 @@ use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_idempotency::client::{Attempts, ClientError};
 use tower_idempotency::{
-    BoxError, IdempotencyLayer, IdempotentClient, IdempotentClientLayer, MemoryStore,
+    IdempotencyLayer, MemoryStore,
+    client::{IdempotentClient, IdempotentClientLayer},
+    store::BoxError,
 };
 
 fn ms(n: u64) -> Duration {

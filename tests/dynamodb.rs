@@ -35,7 +35,11 @@ use common::proxy::Proxy;
 use common::{Counter, call_post, post_req, problem, send};
 use tower_idempotency::store::dynamodb::{Client, DynamoDbStore, RecordTooLarge};
 use tower_idempotency::test_util::{random_key, sample_record};
-use tower_idempotency::{Begin, Fingerprint, IdempotencyLayer, LockToken, Store, StoreError};
+use tower_idempotency::{
+    IdempotencyLayer,
+    fingerprint::Fingerprint,
+    store::{Begin, LockToken, Store, StoreError},
+};
 
 const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(3600);
@@ -118,7 +122,7 @@ mod conformance {
 
 async fn acquire(
     store: &DynamoDbStore,
-    key: &tower_idempotency::StoreKey,
+    key: &tower_idempotency::store::StoreKey,
     lease: Duration,
 ) -> LockToken {
     match store.begin(key, &fp(1), lease).await.unwrap() {
@@ -130,7 +134,7 @@ async fn acquire(
 /// The item of `key`, read straight from the table.
 async fn item(
     store: &DynamoDbStore,
-    key: &tower_idempotency::StoreKey,
+    key: &tower_idempotency::store::StoreKey,
 ) -> Option<HashMap<String, AttributeValue>> {
     store
         .client()
@@ -542,7 +546,7 @@ async fn items_are_as_documented_and_carry_no_raw_key() {
     );
     let done = item(&store, &key).await.unwrap();
     assert_eq!(
-        tower_idempotency::Record::decode(&bytes_of(&done, "record")).unwrap(),
+        tower_idempotency::record::Record::decode(&bytes_of(&done, "record")).unwrap(),
         record
     );
     let end = number_of(&done, "expires_at_ms");

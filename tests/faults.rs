@@ -11,7 +11,11 @@ use axum::body::Body;
 use axum::http::StatusCode;
 use common::*;
 use tower_idempotency::test_util::{Fault, FaultyStore, Op, random_key, sample_record};
-use tower_idempotency::{Begin, Fingerprint, IdempotencyLayer, MemoryStore, Store};
+use tower_idempotency::{
+    IdempotencyLayer, MemoryStore,
+    fingerprint::Fingerprint,
+    store::{Begin, Store},
+};
 
 fn slow(key: &str, ms: u64) -> axum::http::Request<Body> {
     post_req(Some(key))

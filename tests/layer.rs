@@ -20,8 +20,11 @@ use http_body::Frame;
 use tower::ServiceExt;
 use tower_idempotency::test_util::{Fault, FaultyStore, Op};
 use tower_idempotency::{
-    Begin, Fingerprint, FingerprintConfig, IdempotencyKey, IdempotencyLayer, InFlightPolicy,
-    MemoryStore, Rejection, Retention, Store, StoreErrorPolicy, StoreKey,
+    IdempotencyLayer, InFlightPolicy, MemoryStore, Retention, StoreErrorPolicy,
+    fingerprint::{Fingerprint, FingerprintConfig},
+    key::IdempotencyKey,
+    problem::Rejection,
+    store::{Begin, Store, StoreKey},
 };
 
 fn app_with(layer: IdempotencyLayer) -> (Router, Counter) {
@@ -966,7 +969,7 @@ fn layer_and_service_are_send_sync_clone() {
 
 #[tokio::test]
 async fn every_decision_is_an_outcome_in_the_extensions() {
-    use tower_idempotency::Outcome;
+    use tower_idempotency::observe::Outcome;
     let store = Arc::new(FaultyStore::new(MemoryStore::new()));
     let (app, _) = app_with(
         IdempotencyLayer::from_arc(store.clone())
@@ -1013,7 +1016,7 @@ async fn every_decision_is_an_outcome_in_the_extensions() {
 struct Transactional(FaultyStore<MemoryStore>);
 
 #[derive(Clone)]
-struct Attached(#[allow(dead_code)] tower_idempotency::LockToken);
+struct Attached(#[allow(dead_code)] tower_idempotency::store::LockToken);
 
 #[async_trait::async_trait]
 impl Store for Transactional {
@@ -1022,37 +1025,37 @@ impl Store for Transactional {
         key: &StoreKey,
         fp: &Fingerprint,
         lease: Duration,
-    ) -> Result<Begin, tower_idempotency::StoreError> {
+    ) -> Result<Begin, tower_idempotency::store::StoreError> {
         self.0.begin(key, fp, lease).await
     }
     async fn complete(
         &self,
         key: &StoreKey,
-        token: &tower_idempotency::LockToken,
-        record: &tower_idempotency::Record,
+        token: &tower_idempotency::store::LockToken,
+        record: &tower_idempotency::record::Record,
         ttl: Duration,
-    ) -> Result<bool, tower_idempotency::StoreError> {
+    ) -> Result<bool, tower_idempotency::store::StoreError> {
         self.0.complete(key, token, record, ttl).await
     }
     async fn release(
         &self,
         key: &StoreKey,
-        token: &tower_idempotency::LockToken,
-    ) -> Result<bool, tower_idempotency::StoreError> {
+        token: &tower_idempotency::store::LockToken,
+    ) -> Result<bool, tower_idempotency::store::StoreError> {
         self.0.release(key, token).await
     }
     async fn extend(
         &self,
         key: &StoreKey,
-        token: &tower_idempotency::LockToken,
+        token: &tower_idempotency::store::LockToken,
         lease: Duration,
-    ) -> Result<bool, tower_idempotency::StoreError> {
+    ) -> Result<bool, tower_idempotency::store::StoreError> {
         self.0.extend(key, token, lease).await
     }
     fn attachment(
         &self,
         _key: &StoreKey,
-        token: &tower_idempotency::LockToken,
+        token: &tower_idempotency::store::LockToken,
     ) -> Option<tower_idempotency::store::Attachment> {
         Some(tower_idempotency::store::Attachment::new(Attached(*token)))
     }
@@ -1250,7 +1253,7 @@ async fn problem_documents_link_to_the_services_own_docs() {
 #[cfg(feature = "axum")]
 #[tokio::test]
 async fn the_key_is_an_extractor() {
-    use tower_idempotency::IdempotencyKey;
+    use tower_idempotency::key::IdempotencyKey;
 
     async fn required(key: IdempotencyKey) -> String {
         key.as_str().to_owned()
@@ -1292,7 +1295,7 @@ async fn the_key_is_an_extractor() {
 async fn cors_allows_the_key_and_exposes_the_replay_header() {
     use axum::http::{HeaderValue, Method, header};
     use tower_http::cors::CorsLayer;
-    use tower_idempotency::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
+    use tower_idempotency::key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 
     let counter = Counter::default();
     let cors = CorsLayer::new()
@@ -1342,7 +1345,7 @@ async fn cors_allows_the_key_and_exposes_the_replay_header() {
 /// not JSON is fingerprinted raw, never rejected.
 #[tokio::test]
 async fn json_fingerprints_through_a_router() {
-    use tower_idempotency::FingerprintConfig;
+    use tower_idempotency::fingerprint::FingerprintConfig;
 
     let (app, counter) = app_with(
         IdempotencyLayer::new(MemoryStore::new())

@@ -18,7 +18,7 @@ use tower_idempotency::message::{
 };
 use tower_idempotency::store::{Attachment, BoxError, StoreError};
 use tower_idempotency::test_util::{Fault, FaultyStore, Op};
-use tower_idempotency::{InFlightPolicy, MemoryStore, Store, StoreErrorPolicy};
+use tower_idempotency::{InFlightPolicy, MemoryStore, StoreErrorPolicy, store::Store};
 
 #[derive(Clone, Default)]
 struct Effects(Arc<AtomicUsize>);
@@ -456,40 +456,40 @@ struct Note(&'static str);
 impl Store for Attaching {
     async fn begin(
         &self,
-        key: &tower_idempotency::StoreKey,
-        fp: &tower_idempotency::Fingerprint,
+        key: &tower_idempotency::store::StoreKey,
+        fp: &tower_idempotency::fingerprint::Fingerprint,
         lease: Duration,
-    ) -> Result<tower_idempotency::Begin, StoreError> {
+    ) -> Result<tower_idempotency::store::Begin, StoreError> {
         self.0.begin(key, fp, lease).await
     }
     async fn complete(
         &self,
-        key: &tower_idempotency::StoreKey,
-        token: &tower_idempotency::LockToken,
-        record: &tower_idempotency::Record,
+        key: &tower_idempotency::store::StoreKey,
+        token: &tower_idempotency::store::LockToken,
+        record: &tower_idempotency::record::Record,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         self.0.complete(key, token, record, ttl).await
     }
     async fn release(
         &self,
-        key: &tower_idempotency::StoreKey,
-        token: &tower_idempotency::LockToken,
+        key: &tower_idempotency::store::StoreKey,
+        token: &tower_idempotency::store::LockToken,
     ) -> Result<bool, StoreError> {
         self.0.release(key, token).await
     }
     async fn extend(
         &self,
-        key: &tower_idempotency::StoreKey,
-        token: &tower_idempotency::LockToken,
+        key: &tower_idempotency::store::StoreKey,
+        token: &tower_idempotency::store::LockToken,
         lease: Duration,
     ) -> Result<bool, StoreError> {
         self.0.extend(key, token, lease).await
     }
     fn attachment(
         &self,
-        _: &tower_idempotency::StoreKey,
-        _: &tower_idempotency::LockToken,
+        _: &tower_idempotency::store::StoreKey,
+        _: &tower_idempotency::store::LockToken,
     ) -> Option<Attachment> {
         Some(Attachment::new(Note("in the transaction")))
     }

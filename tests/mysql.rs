@@ -27,7 +27,10 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use tower_idempotency::store::mysql::{Flavor, MySqlPool, MySqlStore};
 use tower_idempotency::store::{InvalidIdentifier, LockToken, StoreKey};
 use tower_idempotency::test_util::{FaultyStore, Op, random_key, sample_record};
-use tower_idempotency::{Begin, IdempotencyLayer, Store, StoreError};
+use tower_idempotency::{
+    IdempotencyLayer,
+    store::{Begin, Store, StoreError},
+};
 
 fn mysql_url() -> Option<String> {
     common::backend(common::MYSQL)

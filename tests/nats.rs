@@ -918,7 +918,7 @@ async fn non_transactional_stores_are_at_least_once_under_a_crash() {
     let mut stores = vec!["memory"];
     let redis_url = common::backend(common::REDIS).unwrap_or_else(|| common::REDIS.1.to_owned());
     #[cfg(feature = "redis")]
-    match tower_idempotency::RedisStore::from_url(&redis_url).await {
+    match tower_idempotency::store::redis::RedisStore::from_url(&redis_url).await {
         Ok(_) => stores.push("redis"),
         Err(e) => unavailable("Redis", &redis_url, &e),
     }

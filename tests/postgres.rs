@@ -22,9 +22,15 @@ use common::proxy::{self, Proxy, Tap};
 use common::scenarios::{self, fp};
 use common::{Counter, call_post};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
-use tower_idempotency::store::postgres::{InvalidIdentifier, PgPool, PostgresStore};
+use tower_idempotency::store::{
+    InvalidIdentifier,
+    postgres::{PgPool, PostgresStore},
+};
 use tower_idempotency::test_util::{FaultyStore, Op, random_key, sample_record};
-use tower_idempotency::{Begin, IdempotencyLayer, Store, StoreError};
+use tower_idempotency::{
+    IdempotencyLayer,
+    store::{Begin, Store, StoreError},
+};
 
 /// Every test table lives here, named `t_<unix seconds>_<random>`.
 const SCHEMA: &str = "tower_idempotency_test";
@@ -120,8 +126,8 @@ async fn same_table(store: &PostgresStore, pool: PgPool) -> PostgresStore {
 
 async fn acquire(
     store: &PostgresStore,
-    key: &tower_idempotency::StoreKey,
-) -> tower_idempotency::LockToken {
+    key: &tower_idempotency::store::StoreKey,
+) -> tower_idempotency::store::LockToken {
     match store
         .begin(key, &fp(1), Duration::from_secs(30))
         .await
@@ -622,7 +628,7 @@ async fn an_unanswered_begin_does_not_strand_its_lock() {
         .await
         .with_timeout(Duration::from_millis(300));
     let key = tower_idempotency::test_util::random_key();
-    let fp = tower_idempotency::Fingerprint::from_bytes([3; 32]);
+    let fp = tower_idempotency::fingerprint::Fingerprint::from_bytes([3; 32]);
     // Another transaction inserts the same key and holds it uncommitted.
     let blocker_pool = connect(&url).await;
     let mut blocker = blocker_pool.begin().await.unwrap();

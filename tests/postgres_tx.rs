@@ -27,11 +27,15 @@ use common::{call_post, post_req, problem, problem_type, send};
 use sqlx::postgres::PgPoolOptions;
 use tokio::sync::mpsc;
 use tower_idempotency::store::postgres::PgPool;
-use tower_idempotency::store::postgres_tx::TransactionFinished;
+use tower_idempotency::store::postgres::TransactionFinished;
 use tower_idempotency::test_util::{random_key, sample_record};
 use tower_idempotency::{
-    Begin, Fingerprint, IdempotencyLayer, IdempotentTransaction, InFlightPolicy, Store, StoreError,
-    TransactionalPostgresStore,
+    IdempotencyLayer, InFlightPolicy,
+    fingerprint::Fingerprint,
+    store::{
+        Begin, Store, StoreError,
+        postgres::{IdempotentTransaction, TransactionalPostgresStore},
+    },
 };
 
 /// Every test table lives here, named `t_<unix seconds>_<random>` (the
@@ -602,8 +606,8 @@ fn fp(n: u8) -> Fingerprint {
 
 async fn acquire(
     store: &TransactionalPostgresStore,
-    key: &tower_idempotency::StoreKey,
-) -> tower_idempotency::LockToken {
+    key: &tower_idempotency::store::StoreKey,
+) -> tower_idempotency::store::LockToken {
     match store
         .begin(key, &fp(1), Duration::from_secs(30))
         .await
@@ -777,7 +781,9 @@ async fn message_face_commits_the_effect_with_the_record() {
             .fetch_one(&mut *conn)
             .await?;
             if fail {
-                return Err::<Bytes, tower_idempotency::BoxError>("the handler failed".into());
+                return Err::<Bytes, tower_idempotency::store::BoxError>(
+                    "the handler failed".into(),
+                );
             }
             Ok(Bytes::from(id.to_string()))
         }

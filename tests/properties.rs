@@ -7,7 +7,10 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use proptest::prelude::*;
 use tower_idempotency::key::{KeyError, parse_key};
-use tower_idempotency::{Fingerprint, FingerprintConfig, Record};
+use tower_idempotency::{
+    fingerprint::{Fingerprint, FingerprintConfig},
+    record::Record,
+};
 
 fn quote(token: &str) -> String {
     let mut out = String::from("\"");

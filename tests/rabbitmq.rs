@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 use tokio::time::timeout;
 use tower::{Service, ServiceExt, service_fn};
 use tower_idempotency::message::{Disposition, IdempotentConsumer, JsonCodec, MessageKey};
-use tower_idempotency::{MemoryStore, Processed, Store};
+use tower_idempotency::{MemoryStore, message::Processed, store::Store};
 
 /// The longest any single broker step may take.
 const WAIT: Duration = Duration::from_secs(10);

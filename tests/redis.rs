@@ -24,7 +24,12 @@ use axum::http::StatusCode;
 use common::{Counter, call_post, post_req, problem, scan, send};
 use tower_idempotency::store::redis::{RedisStore, driver};
 use tower_idempotency::test_util::{random_key, sample_record};
-use tower_idempotency::{Begin, Fingerprint, IdempotencyLayer, Record, Store, StoreError};
+use tower_idempotency::{
+    IdempotencyLayer,
+    fingerprint::Fingerprint,
+    record::Record,
+    store::{Begin, Store, StoreError},
+};
 
 const LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(3600);
@@ -342,7 +347,7 @@ async fn a_frozen_server_times_out_within_the_bound() {
     assert!(matches!(err, StoreError::Timeout(d) if d == Duration::from_millis(300)));
     assert!(started.elapsed() < Duration::from_secs(1));
     let started = Instant::now();
-    let token = tower_idempotency::LockToken::new();
+    let token = tower_idempotency::store::LockToken::new();
     let err = store.release(&ok, &token).await.unwrap_err();
     assert!(matches!(err, StoreError::Timeout(_)), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(1));
@@ -591,7 +596,7 @@ async fn undecodable_values_are_errors_not_replays() {
         .unwrap();
     let err = store.begin(&key, &fp(4), LEASE).await.unwrap_err();
     assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
-    let token = tower_idempotency::LockToken::new();
+    let token = tower_idempotency::store::LockToken::new();
     let err = store.release(&key, &token).await.unwrap_err();
     assert!(matches!(err, StoreError::Backend(_)), "{err:?}");
     let len: i64 = driver::cmd("LLEN")

@@ -28,8 +28,10 @@ use tower_idempotency::message::{BytesCodec, IdempotentConsumer, MessageKey, Pro
 use tower_idempotency::store::sealed::{InvalidRecordKey, RecordKey, SealedStore};
 use tower_idempotency::store::{Attachment, BoxError, StoreError};
 use tower_idempotency::{
-    Begin, Fingerprint, IdempotencyLayer, MemoryStore, Record, RecordKind, Store, StoreErrorPolicy,
-    StoreKey,
+    IdempotencyLayer, MemoryStore, StoreErrorPolicy,
+    fingerprint::Fingerprint,
+    record::{Record, RecordKind},
+    store::{Begin, Store, StoreKey},
 };
 
 /// What the handler answers (it echoes the request body): a stand-in for a

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::StatusCode;
 use common::*;
-use tower_idempotency::{IdempotencyLayer, Store};
+use tower_idempotency::{IdempotencyLayer, store::Store};
 
 const RAW_KEY: &str = "raw-key-7f3a9c1e";
 const SCOPE: &str = "tenant-secret-5d2b";
@@ -80,7 +80,7 @@ fn assert_clean(what: &str, bytes: &[u8]) {
 async fn redis_keeps_neither_key_nor_scope() {
     let Some(url) = url("REDIS_URL") else { return };
     let prefix = format!("security:{}:", uuid::Uuid::new_v4().simple());
-    let store = tower_idempotency::RedisStore::from_url(&url)
+    let store = tower_idempotency::store::redis::RedisStore::from_url(&url)
         .await
         .unwrap()
         .with_prefix(prefix.clone());
@@ -121,7 +121,7 @@ async fn postgres_keeps_neither_key_nor_scope() {
             .unwrap()
             .as_secs()
     );
-    let store = tower_idempotency::PostgresStore::new(pool.clone())
+    let store = tower_idempotency::store::postgres::PostgresStore::new(pool.clone())
         .with_schema("tower_idempotency_test")
         .unwrap()
         .with_table(&format!(

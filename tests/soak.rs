@@ -34,7 +34,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
-use tower_idempotency::{IdempotencyLayer, Store};
+use tower_idempotency::{IdempotencyLayer, store::Store};
 
 const INJECTED: &str = "injected handler panic";
 
@@ -478,7 +478,7 @@ async fn soak_redis() {
     let prefix = format!("soak:{}:", uuid::Uuid::new_v4().simple());
     let mut stores: Vec<Arc<dyn Store>> = Vec::new();
     for _ in 0..2 {
-        let store = tower_idempotency::RedisStore::from_url(&via)
+        let store = tower_idempotency::store::redis::RedisStore::from_url(&via)
             .await
             .unwrap()
             .with_prefix(prefix.clone());
@@ -528,7 +528,7 @@ async fn soak_postgres() {
             .connect(&via)
             .await
             .unwrap();
-        let store = tower_idempotency::PostgresStore::new(pool)
+        let store = tower_idempotency::store::postgres::PostgresStore::new(pool)
             .with_schema("tower_idempotency_test")
             .unwrap()
             .with_table(&table)

@@ -28,7 +28,10 @@ use tower_idempotency::store::InvalidIdentifier;
 use tower_idempotency::store::sqlite::{SqliteConnectOptions, SqliteStore};
 use tower_idempotency::test_util::{FaultyStore, Op, random_key, sample_record};
 use tower_idempotency::{
-    Begin, Fingerprint, IdempotencyLayer, LockToken, Record, Store, StoreError, StoreKey,
+    IdempotencyLayer,
+    fingerprint::Fingerprint,
+    record::Record,
+    store::{Begin, LockToken, Store, StoreError, StoreKey},
 };
 
 /// SQLite's clock in microseconds, as the store's statements read it.

@@ -65,17 +65,17 @@ impl ClientConfig {
 /// use http::{Request, Response, StatusCode};
 /// use http_body_util::Full;
 /// use tower::{ServiceBuilder, ServiceExt, service_fn};
-/// use tower_idempotency::IdempotentClientLayer;
+/// use tower_idempotency::client::IdempotentClientLayer;
 /// use tower_idempotency::client::Attempts;
 ///
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), tower_idempotency::BoxError> {
+/// # async fn main() -> Result<(), tower_idempotency::store::BoxError> {
 /// // Stands in for an HTTP client such as hyper-util's legacy `Client`.
 /// let server = service_fn(|req: Request<Full<Bytes>>| async move {
 ///     assert!(req.headers()["idempotency-key"].to_str()?.starts_with('"'));
 ///     let mut res = Response::new(Full::new(Bytes::from("created")));
 ///     *res.status_mut() = StatusCode::CREATED;
-///     Ok::<_, tower_idempotency::BoxError>(res)
+///     Ok::<_, tower_idempotency::store::BoxError>(res)
 /// });
 ///
 /// let client = ServiceBuilder::new()
@@ -99,7 +99,7 @@ impl ClientConfig {
 /// use hyper_util::client::legacy::Client;
 /// use hyper_util::rt::TokioExecutor;
 /// use tower::ServiceBuilder;
-/// use tower_idempotency::IdempotentClientLayer;
+/// use tower_idempotency::client::IdempotentClientLayer;
 ///
 /// let http = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
 /// let client = ServiceBuilder::new()
@@ -129,7 +129,7 @@ impl IdempotentClientLayer {
     ///
     /// ```
     /// use http::Method;
-    /// use tower_idempotency::IdempotentClientLayer;
+    /// use tower_idempotency::client::IdempotentClientLayer;
     ///
     /// // The server also keys its `PUT` and `DELETE` routes.
     /// let layer = IdempotentClientLayer::new()
@@ -148,13 +148,13 @@ impl IdempotentClientLayer {
     /// use http::{HeaderName, Request, Response};
     /// use http_body_util::Full;
     /// use tower::{Layer, ServiceExt, service_fn};
-    /// use tower_idempotency::IdempotentClientLayer;
+    /// use tower_idempotency::client::IdempotentClientLayer;
     ///
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), tower_idempotency::BoxError> {
+    /// # async fn main() -> Result<(), tower_idempotency::store::BoxError> {
     /// let server = service_fn(|req: Request<Full<Bytes>>| async move {
     ///     assert!(req.headers().contains_key("x-request-key"));
-    ///     Ok::<_, tower_idempotency::BoxError>(Response::new(Full::new(Bytes::new())))
+    ///     Ok::<_, tower_idempotency::store::BoxError>(Response::new(Full::new(Bytes::new())))
     /// });
     /// let client = IdempotentClientLayer::new()
     ///     .with_header(HeaderName::from_static("x-request-key"))
@@ -174,7 +174,7 @@ impl IdempotentClientLayer {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use tower_idempotency::IdempotentClientLayer;
+    /// use tower_idempotency::client::IdempotentClientLayer;
     ///
     /// let layer = IdempotentClientLayer::new().with_timeout(Duration::from_secs(3));
     /// # let _ = layer;
@@ -189,7 +189,7 @@ impl IdempotentClientLayer {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use tower_idempotency::IdempotentClientLayer;
+    /// use tower_idempotency::client::IdempotentClientLayer;
     ///
     /// // Waits of up to 250 ms, 500 ms, 1 s, then 2 s between attempts.
     /// let layer = IdempotentClientLayer::new()
@@ -211,15 +211,15 @@ impl IdempotentClientLayer {
     /// use http::{Request, Response, StatusCode};
     /// use http_body_util::Full;
     /// use tower::{Layer, ServiceExt, service_fn};
-    /// use tower_idempotency::IdempotentClientLayer;
+    /// use tower_idempotency::client::IdempotentClientLayer;
     /// use tower_idempotency::client::Attempts;
     ///
     /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-    /// # async fn main() -> Result<(), tower_idempotency::BoxError> {
+    /// # async fn main() -> Result<(), tower_idempotency::store::BoxError> {
     /// let unavailable = service_fn(|_: Request<Full<Bytes>>| async {
     ///     let mut res = Response::new(Full::new(Bytes::new()));
     ///     *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    ///     Ok::<_, tower_idempotency::BoxError>(res)
+    ///     Ok::<_, tower_idempotency::store::BoxError>(res)
     /// });
     /// let client = IdempotentClientLayer::new().with_max_attempts(3).layer(unavailable);
     /// let res = client.oneshot(Request::post("http://api.example/orders").body(Full::default())?).await?;
@@ -238,7 +238,7 @@ impl IdempotentClientLayer {
     /// [`ClientError::BodyTooLarge`](super::ClientError::BodyTooLarge) before it is sent.
     ///
     /// ```
-    /// use tower_idempotency::IdempotentClientLayer;
+    /// use tower_idempotency::client::IdempotentClientLayer;
     ///
     /// // Uploads of up to 8 MiB are retried.
     /// let layer = IdempotentClientLayer::new().with_max_body(8 * 1024 * 1024);

@@ -57,7 +57,7 @@
 //! it:
 //!
 //! ```
-//! # fn f(err: tower_idempotency::BoxError) {
+//! # fn f(err: tower_idempotency::store::BoxError) {
 //! use tower_idempotency::client::ClientError;
 //!
 //! match err.downcast_ref::<ClientError>() {
@@ -86,7 +86,7 @@
 //! retries.
 //!
 //! [`with_max_body`]: IdempotentClientLayer::with_max_body
-//! [`BoxError`]: crate::BoxError
+//! [`BoxError`]: crate::store::BoxError
 
 mod attempts;
 mod error;

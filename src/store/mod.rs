@@ -22,13 +22,30 @@
 //! beyond the common contract ([`Capabilities`]), which the engine and the
 //! conformance suite both read.
 //!
-//! Time is the store's own: tokio's clock in [`MemoryStore`] (so tests can
+//! Time is the store's own: tokio's clock in [`MemoryStore`](crate::MemoryStore) (so tests can
 //! pause and advance it), the server's clock in Redis and PostgreSQL. No
 //! store trusts the application's wall clock. Expired records disappear
 //! without anyone calling a cleanup by hand.
 //!
 //! Third-party stores can prove themselves with the conformance suite behind
 //! the `test-util` feature.
+//!
+//! # The stores
+//!
+//! Each store has one path: the default one at the crate's root, each
+//! backend in a module of its own with what it needs besides (its driver's
+//! pool or client, its errors).
+//!
+//! | store | path | feature |
+//! |---|---|---|
+//! | in process, sharded and bounded | [`crate::MemoryStore`] | (default) |
+//! | Redis | [`redis::RedisStore`] | `redis` |
+//! | PostgreSQL, one statement per step | [`postgres::PostgresStore`] | `postgres` |
+//! | PostgreSQL, the handler's writes in the key's transaction | [`postgres::TransactionalPostgresStore`] | `postgres` |
+//! | MySQL 8, MariaDB 10.5+ | [`mysql::MySqlStore`] | `mysql` |
+//! | SQLite | [`sqlite::SqliteStore`] | `sqlite` |
+//! | DynamoDB | [`dynamodb::DynamoDbStore`] | `dynamodb` |
+//! | any store, its records sealed with AES-256-GCM | [`sealed::SealedStore`] | `encryption` |
 
 use std::fmt;
 use std::hash::{Hash, Hasher};
@@ -44,16 +61,13 @@ pub use crate::attachment::Attachment;
 #[cfg(feature = "dynamodb")]
 #[cfg_attr(docsrs, doc(cfg(feature = "dynamodb")))]
 pub mod dynamodb;
-pub mod memory;
+pub(crate) mod memory;
 #[cfg(feature = "mysql")]
 #[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
 pub mod mysql;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub mod postgres;
-#[cfg(feature = "postgres")]
-#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub mod postgres_tx;
 mod recovery;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
@@ -108,28 +122,12 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 ))]
 const MAX_EXPIRY: Duration = Duration::from_secs(1000 * 366 * 24 * 60 * 60);
 
-#[cfg(feature = "dynamodb")]
-pub use dynamodb::DynamoDbStore;
-pub use memory::{MemoryStore, MemoryStoreBuilder};
-#[cfg(feature = "mysql")]
-pub use mysql::MySqlStore;
-#[cfg(feature = "postgres")]
-pub use postgres::PostgresStore;
-#[cfg(feature = "postgres")]
-pub use postgres_tx::{IdempotentTransaction, TransactionalPostgresStore};
-#[cfg(feature = "redis")]
-pub use redis::RedisStore;
-#[cfg(feature = "encryption")]
-#[cfg_attr(docsrs, doc(cfg(feature = "encryption")))]
-pub use sealed::{InvalidRecordKey, RecordKey, SealedStore};
 #[cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite"))]
 #[cfg_attr(
     docsrs,
     doc(cfg(any(feature = "postgres", feature = "mysql", feature = "sqlite")))
 )]
 pub use sql::InvalidIdentifier;
-#[cfg(feature = "sqlite")]
-pub use sqlite::SqliteStore;
 
 /// A boxed error, as tower uses.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -349,7 +347,7 @@ pub trait Store: Send + Sync + 'static {
     /// allowed.
     ///
     /// The default sleeps `min(timeout, 25 ms)`: a poll. Stores that can be
-    /// woken (such as [`MemoryStore`]) override it.
+    /// woken (such as [`MemoryStore`](crate::MemoryStore)) override it.
     async fn wait(&self, key: &StoreKey, timeout: Duration) -> Result<(), StoreError> {
         let _ = key;
         tokio::time::sleep(timeout.min(Duration::from_millis(25))).await;

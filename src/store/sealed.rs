@@ -9,7 +9,7 @@
 //!
 //! ```
 //! use tower_idempotency::IdempotencyLayer;
-//! use tower_idempotency::store::MemoryStore;
+//! use tower_idempotency::MemoryStore;
 //! use tower_idempotency::store::sealed::{RecordKey, SealedStore};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -31,7 +31,7 @@
 //!
 //! use bytes::Bytes;
 //! use tower_idempotency::store::sealed::{RecordKey, SealedStore};
-//! use tower_idempotency::{Begin, Fingerprint, MemoryStore, Record, Store, StoreKey};
+//! use tower_idempotency::{MemoryStore, fingerprint::Fingerprint, record::Record, store::{Begin, Store, StoreKey}};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -74,7 +74,7 @@
 //!   exists, so the envelope carries it in the clear too: sealing it there
 //!   would hide nothing. It is an unkeyed hash: whoever can read the store
 //!   and guess a request's exact content can confirm the guess. Cover only
-//!   what is needed ([`FingerprintConfig`](crate::FingerprintConfig)) if
+//!   what is needed ([`FingerprintConfig`](crate::fingerprint::FingerprintConfig)) if
 //!   request bodies are guessable and secret.
 //! - **Lock tokens, states, timestamps and ttls**: random or operational,
 //!   they stay visible to the store, which needs them.
@@ -109,7 +109,7 @@
 //! [`StoreErrorPolicy::FailOpen`](crate::StoreErrorPolicy::FailOpen): the
 //! request that record stands for has run, and running it again is what
 //! this crate exists to prevent. The message face reports
-//! [`Processed::StoreError`](crate::Processed::StoreError) and the handler
+//! [`Processed::StoreError`](crate::message::Processed::StoreError) and the handler
 //! does not run.
 //!
 //! A **wrong key** (an instance deployed with a key that did not seal the
@@ -293,7 +293,7 @@ pub enum InvalidRecordKey {
 /// ```
 /// use std::sync::Arc;
 /// use tower_idempotency::store::sealed::{RecordKey, SealedStore};
-/// use tower_idempotency::{IdempotencyLayer, MemoryStore, Store};
+/// use tower_idempotency::{IdempotencyLayer, MemoryStore, store::Store};
 ///
 /// let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
 /// let current = RecordKey::from_bytes([2; 32]);

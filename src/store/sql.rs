@@ -39,7 +39,7 @@ pub(crate) const BEGIN_ATTEMPTS: usize = 5;
 /// # #[cfg(feature = "postgres")]
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() {
-/// use tower_idempotency::store::{InvalidIdentifier, PostgresStore, StoreError};
+/// use tower_idempotency::store::{InvalidIdentifier, StoreError, postgres::PostgresStore};
 ///
 /// # let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://localhost/app").unwrap();
 /// let store = PostgresStore::new(pool);

@@ -305,7 +305,7 @@ impl SqliteStore {
     /// a 1 second bound on every call.
     ///
     /// An in-memory database is refused: it is neither durable nor shared
-    /// with other processes ([`MemoryStore`](super::MemoryStore) is the
+    /// with other processes ([`MemoryStore`](crate::MemoryStore) is the
     /// store for that). Fails with [`StoreError::Unavailable`] if the file
     /// cannot be opened. Nothing is created in it yet: call
     /// [`migrate`](Self::migrate).
@@ -322,7 +322,7 @@ impl SqliteStore {
     /// use std::time::Duration;
     /// use tower_idempotency::store::sqlite::{SqliteStore, SqliteSynchronous};
     ///
-    /// # async fn run() -> Result<(), tower_idempotency::StoreError> {
+    /// # async fn run() -> Result<(), tower_idempotency::store::StoreError> {
     /// let options = SqliteStore::connect_options("/var/lib/app/idempotency.db")?
     ///     .synchronous(SqliteSynchronous::Full);
     /// let store = SqliteStore::open_with(options, Duration::from_secs(1)).await?;

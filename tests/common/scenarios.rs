@@ -9,7 +9,10 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::StatusCode;
 use tower_idempotency::test_util::{random_key, sample_record};
-use tower_idempotency::{Begin, Fingerprint, Store, StoreError};
+use tower_idempotency::{
+    fingerprint::Fingerprint,
+    store::{Begin, Store, StoreError},
+};
 
 use super::proxy::Proxy;
 use super::{Counter, call_post, post_req, problem, send};

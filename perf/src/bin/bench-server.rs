@@ -43,7 +43,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tower::ServiceExt;
-use tower_idempotency::{IdempotencyLayer, MemoryStore, Store};
+use tower_idempotency::{IdempotencyLayer, MemoryStore, store::Store};
 use tower_idempotency_perf::{Args, order_body, preload_key};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -149,7 +149,7 @@ async fn store(
 async fn redis_store() -> Result<Arc<dyn Store>, BoxError> {
     let url = std::env::var("REDIS_URL").map_err(|_| "--mode redis needs REDIS_URL")?;
     Ok(Arc::new(
-        tower_idempotency::RedisStore::from_url(&url)
+        tower_idempotency::store::redis::RedisStore::from_url(&url)
             .await?
             .with_prefix("perf:idempotency:"),
     ))
@@ -175,8 +175,8 @@ async fn postgres_store() -> Result<Arc<dyn Store>, BoxError> {
         .max_connections(pool_size)
         .connect(&url)
         .await?;
-    let store =
-        tower_idempotency::PostgresStore::new(pool).with_table("perf_idempotency_records")?;
+    let store = tower_idempotency::store::postgres::PostgresStore::new(pool)
+        .with_table("perf_idempotency_records")?;
     store.migrate().await?;
     Ok(Arc::new(store))
 }
@@ -202,8 +202,8 @@ async fn mysql_store() -> Result<Arc<dyn Store>, BoxError> {
         .max_connections(pool_size)
         .connect_with(options)
         .await?;
-    let store =
-        tower_idempotency::store::MySqlStore::new(pool).with_table("perf_idempotency_records")?;
+    let store = tower_idempotency::store::mysql::MySqlStore::new(pool)
+        .with_table("perf_idempotency_records")?;
     store.migrate().await?;
     Ok(Arc::new(store))
 }
@@ -221,7 +221,7 @@ async fn sqlite_store() -> Result<Arc<dyn Store>, BoxError> {
         Ok(path) => std::path::PathBuf::from(path),
         Err(_) => std::env::temp_dir().join(format!("bench-server-{}.db", std::process::id())),
     };
-    let store = tower_idempotency::store::SqliteStore::open(&path).await?;
+    let store = tower_idempotency::store::sqlite::SqliteStore::open(&path).await?;
     store.migrate().await?;
     Ok(Arc::new(store))
 }
@@ -256,7 +256,7 @@ async fn dynamodb_store() -> Result<Arc<dyn Store>, BoxError> {
     }
     let client = aws_sdk_dynamodb::Client::from_conf(config.build());
     let table = var("DYNAMODB_TABLE").unwrap_or_else(|| "perf-idempotency".into());
-    let store = tower_idempotency::store::DynamoDbStore::new(client, table.as_str());
+    let store = tower_idempotency::store::dynamodb::DynamoDbStore::new(client, table.as_str());
     store.create_table().await?;
     Ok(Arc::new(store))
 }

@@ -494,8 +494,8 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::MemoryStore;
     use crate::record::Record;
-    use crate::store::memory::MemoryStore;
     use crate::store::memory::tests::{FP, LEASE, TTL, acquire, key, record};
     use crate::store::{Begin, Store};
     use http::StatusCode;

@@ -1,136 +1,5 @@
-//! [`TransactionalPostgresStore`]: the handler's own writes, the key's lock
-//! and the recorded response commit in one PostgreSQL transaction, or none
-//! of them do.
-//!
-//! With an ordinary store, a process that dies after the handler wrote its
-//! order but before the response was recorded leaves no record: the retry
-//! runs the handler again once the lease ends. When the handler's effects
-//! live in the same PostgreSQL database as the records, this store closes
-//! that gap (the "atomic phases" design): `begin` opens a transaction on a
-//! connection from the application's pool and takes the key inside it, the
-//! handler receives that transaction as an [`IdempotentTransaction`]
-//! request extension and does its writes on it, and the layer writes the
-//! record in the same transaction and commits. Nothing is visible to anyone
-//! before the commit.
-//!
-//! ```no_run
-//! use axum::{Extension, Router, http::StatusCode, routing::post};
-//! use tower_idempotency::IdempotencyLayer;
-//! use tower_idempotency::store::postgres::PgPool;
-//! use tower_idempotency::store::postgres_tx::{IdempotentTransaction, TransactionalPostgresStore};
-//!
-//! async fn create_order(Extension(tx): Extension<IdempotentTransaction>) -> StatusCode {
-//!     let Ok(mut conn) = tx.lock().await else {
-//!         return StatusCode::INTERNAL_SERVER_ERROR;
-//!     };
-//!     // Committed together with the recorded response, or not at all.
-//!     match sqlx::query("INSERT INTO orders (item) VALUES ('book')")
-//!         .execute(&mut *conn)
-//!         .await
-//!     {
-//!         Ok(_) => StatusCode::CREATED,
-//!         Err(_) => StatusCode::INTERNAL_SERVER_ERROR,
-//!     }
-//! }
-//!
-//! # #[tokio::main]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let pool = PgPool::connect("postgres://app@db.internal/app").await?;
-//! let store = TransactionalPostgresStore::new(pool);
-//! store.migrate().await?; // the same table as PostgresStore
-//! let _sweeper = store.spawn_sweeper(std::time::Duration::from_secs(60), 1000);
-//!
-//! let app: Router = Router::new()
-//!     .route("/orders", post(create_order))
-//!     // Every request that reaches the handler then has a transaction.
-//!     .layer(IdempotencyLayer::new(store).with_require_key(true));
-//! # let _ = app;
-//! # Ok(())
-//! # }
-//! ```
-//!
-//! # With the message face
-//!
-//! The same store makes a queue consumer exactly-once: the
-//! [`IdempotentConsumer`](crate::message::IdempotentConsumer) hands the
-//! handler the transaction as an [`Attachment`]
-//! (`attachment.get::<IdempotentTransaction>()`), the side effect is written
-//! on it, and the record commits with it before the consumer acks. A crash
-//! before the commit rolls both back and the redelivery runs cleanly; a
-//! crash after it makes the redelivery a replay.
-//!
-//! # What happens to the transaction
-//!
-//! | the request | the transaction |
-//! |---|---|
-//! | the handler answers a status that is recorded | the record is written in it and it commits; if the commit fails, the client gets 503 instead of the handler's answer |
-//! | the handler panics, fails, or answers a status that is not recorded (5xx by default), or its response body fails | rolled back: its writes and the key vanish together, and a retry runs cleanly |
-//! | the process dies, or its connection is lost | PostgreSQL rolls it back when the connection ends |
-//!
-//! A 503 after a failed commit does not always mean nothing happened: if
-//! the commit reached the server but its answer did not come back, the work
-//! is committed and the retry replays it. Either way the client retries
-//! with the same key and the handler's writes exist at most once.
-//!
-//! # Locking
-//!
-//! The key is locked with a transaction-level advisory lock,
-//! `pg_try_advisory_xact_lock`, on a 64-bit id folded from the store key
-//! and the table's name. The lock never waits: a concurrent duplicate finds
-//! it taken and answers [`Begin::InFlight`] at once (409), while a live
-//! holder keeps it exactly as long as its transaction and connection live,
-//! so the connection itself is the lease. With
-//! [`InFlightPolicy::Wait`](crate::InFlightPolicy::Wait), a duplicate
-//! waits on the lock in the database (a shared advisory lock bounded by
-//! `lock_timeout`), not in a sleep loop, and replays the first response as
-//! soon as it commits.
-//!
-//! Because nothing is committed before the end, the fingerprint of an
-//! in-flight request is invisible to the others: a concurrent duplicate
-//! with a *different* body gets 409 while the first runs, and 422 once it
-//! has committed. Two different keys whose ids collide (a chance of 2⁻⁶⁴
-//! per pair) only ever make one of them wait or answer 409 spuriously:
-//! records are read by the full key.
-//!
-//! Once the lock is held, `begin` reads the key's committed row in a new
-//! statement, so a record committed just before is seen; expired rows are
-//! overwritten when the record is written.
-//!
-//! # Requirements and limits
-//!
-//! - The guarantee covers writes made on the transaction, in this database.
-//!   Calls to other systems (a payment provider, a queue, another
-//!   database) are not rolled back: give them keys derived with
-//!   [`IdempotencyKey::derive`](crate::IdempotencyKey::derive).
-//! - Every in-flight request holds one pooled connection for as long as its
-//!   handler runs, and a duplicate holds one briefly: size the pool for it.
-//!   `begin` waits for a connection at most
-//!   [`with_timeout`](TransactionalPostgresStore::with_timeout), then the
-//!   layer answers 503.
-//! - Requests the layer does not cover (other methods, no key when keys are
-//!   optional, a store failure with fail-open) reach the handler without a
-//!   transaction. Use [`with_require_key(true)`](crate::IdempotencyLayer::with_require_key),
-//!   or extract `Option<Extension<IdempotentTransaction>>` and fall back to
-//!   a transaction of the handler's own.
-//! - Do not commit or roll back the transaction by hand: the layer does.
-//!   Savepoints are fine ([`sqlx::Connection::begin`] on the guard opens
-//!   one).
-//! - The transaction's isolation level is the connection's default (READ
-//!   COMMITTED unless configured otherwise). Under REPEATABLE READ or
-//!   SERIALIZABLE a race with a concurrent commit of the same key makes the
-//!   record write fail, so the handler's writes roll back and the client
-//!   gets 503; the retry replays.
-//! - A handler whose statement failed leaves the transaction aborted: the
-//!   record cannot be written, so whatever status the handler answers, the
-//!   client gets 503 and nothing is committed.
-//! - An open transaction holds locks like any other: on the records table
-//!   (a share lock, which only schema changes wait for) and on whatever the
-//!   handler wrote. A server-side `idle_in_transaction_session_timeout`
-//!   shorter than a handler's pauses between statements ends its
-//!   transaction: the client then gets 503.
-//! - Serve each key through one mode. The ordinary [`PostgresStore`] can
-//!   share the table (its in-flight and completed rows are honoured here),
-//!   but it does not see this store's requests while they run.
+//! [`TransactionalPostgresStore`]: a keyed request in one PostgreSQL
+//! transaction, with its open transactions and the handle handlers use.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -143,10 +12,11 @@ use sqlx::{PgConnection, Postgres, Transaction};
 use tokio::sync::{Mutex as AsyncMutex, OwnedMappedMutexGuard, OwnedMutexGuard};
 use tokio::time::Instant;
 
-use super::postgres::{PgPool, PostgresStore, interval_secs, live_row};
-use super::{Attachment, Begin, Capabilities, LockToken, Store, StoreError, StoreKey};
+use super::sql::{interval_secs, live_row};
+use super::{PgPool, PostgresStore};
 use crate::fingerprint::Fingerprint;
 use crate::record::Record;
+use crate::store::{Attachment, Begin, Capabilities, LockToken, Store, StoreError, StoreKey};
 
 /// Takes the key's lock if it is free, never waiting.
 const TRY_LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
@@ -297,13 +167,143 @@ fn fold(hash: &[u8]) -> i64 {
 }
 
 /// A [`Store`] that runs each keyed request in one PostgreSQL transaction:
-/// the handler's writes on it and the recorded response commit together.
+/// the handler's own writes, the key's lock and the recorded response
+/// commit together, or none of them do.
 ///
 /// Records live in the same table, with the same schema, as
-/// [`PostgresStore`]'s (see its module docs); [`migrate`](Self::migrate)
+/// [`PostgresStore`]'s (see the [module docs](super)); [`migrate`](Self::migrate)
 /// creates it. Cloning is cheap and shares the pool and the open
-/// transactions. See the [module docs](self) for the design, an example,
-/// and what the guarantee covers.
+/// transactions.
+///
+/// With an ordinary store, a process that dies after the handler wrote its
+/// order but before the response was recorded leaves no record: the retry
+/// runs the handler again once the lease ends. When the handler's effects
+/// live in the same PostgreSQL database as the records, this store closes
+/// that gap (the "atomic phases" design): `begin` opens a transaction on a
+/// connection from the application's pool and takes the key inside it, the
+/// handler receives that transaction as an [`IdempotentTransaction`]
+/// request extension and does its writes on it, and the layer writes the
+/// record in the same transaction and commits. Nothing is visible to anyone
+/// before the commit.
+///
+/// ```no_run
+/// use axum::{Extension, Router, http::StatusCode, routing::post};
+/// use tower_idempotency::IdempotencyLayer;
+/// use tower_idempotency::store::postgres::PgPool;
+/// use tower_idempotency::store::postgres::{IdempotentTransaction, TransactionalPostgresStore};
+///
+/// async fn create_order(Extension(tx): Extension<IdempotentTransaction>) -> StatusCode {
+///     let Ok(mut conn) = tx.lock().await else {
+///         return StatusCode::INTERNAL_SERVER_ERROR;
+///     };
+///     // Committed together with the recorded response, or not at all.
+///     match sqlx::query("INSERT INTO orders (item) VALUES ('book')")
+///         .execute(&mut *conn)
+///         .await
+///     {
+///         Ok(_) => StatusCode::CREATED,
+///         Err(_) => StatusCode::INTERNAL_SERVER_ERROR,
+///     }
+/// }
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = PgPool::connect("postgres://app@db.internal/app").await?;
+/// let store = TransactionalPostgresStore::new(pool);
+/// store.migrate().await?; // the same table as PostgresStore
+/// let _sweeper = store.spawn_sweeper(std::time::Duration::from_secs(60), 1000);
+///
+/// let app: Router = Router::new()
+///     .route("/orders", post(create_order))
+///     // Every request that reaches the handler then has a transaction.
+///     .layer(IdempotencyLayer::new(store).with_require_key(true));
+/// # let _ = app;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # With the message face
+///
+/// The same store makes a queue consumer exactly-once: the
+/// [`IdempotentConsumer`](crate::message::IdempotentConsumer) hands the
+/// handler the transaction as an [`Attachment`]
+/// (`attachment.get::<IdempotentTransaction>()`), the side effect is written
+/// on it, and the record commits with it before the consumer acks. A crash
+/// before the commit rolls both back and the redelivery runs cleanly; a
+/// crash after it makes the redelivery a replay.
+///
+/// # What happens to the transaction
+///
+/// | the request | the transaction |
+/// |---|---|
+/// | the handler answers a status that is recorded | the record is written in it and it commits; if the commit fails, the client gets 503 instead of the handler's answer |
+/// | the handler panics, fails, or answers a status that is not recorded (5xx by default), or its response body fails | rolled back: its writes and the key vanish together, and a retry runs cleanly |
+/// | the process dies, or its connection is lost | PostgreSQL rolls it back when the connection ends |
+///
+/// A 503 after a failed commit does not always mean nothing happened: if
+/// the commit reached the server but its answer did not come back, the work
+/// is committed and the retry replays it. Either way the client retries
+/// with the same key and the handler's writes exist at most once.
+///
+/// # Locking
+///
+/// The key is locked with a transaction-level advisory lock,
+/// `pg_try_advisory_xact_lock`, on a 64-bit id folded from the store key
+/// and the table's name. The lock never waits: a concurrent duplicate finds
+/// it taken and answers [`Begin::InFlight`] at once (409), while a live
+/// holder keeps it exactly as long as its transaction and connection live,
+/// so the connection itself is the lease. With
+/// [`InFlightPolicy::Wait`](crate::InFlightPolicy::Wait), a duplicate
+/// waits on the lock in the database (a shared advisory lock bounded by
+/// `lock_timeout`), not in a sleep loop, and replays the first response as
+/// soon as it commits.
+///
+/// Because nothing is committed before the end, the fingerprint of an
+/// in-flight request is invisible to the others: a concurrent duplicate
+/// with a *different* body gets 409 while the first runs, and 422 once it
+/// has committed. Two different keys whose ids collide (a chance of 2⁻⁶⁴
+/// per pair) only ever make one of them wait or answer 409 spuriously:
+/// records are read by the full key.
+///
+/// Once the lock is held, `begin` reads the key's committed row in a new
+/// statement, so a record committed just before is seen; expired rows are
+/// overwritten when the record is written.
+///
+/// # Requirements and limits
+///
+/// - The guarantee covers writes made on the transaction, in this database.
+///   Calls to other systems (a payment provider, a queue, another
+///   database) are not rolled back: give them keys derived with
+///   [`IdempotencyKey::derive`](crate::key::IdempotencyKey::derive).
+/// - Every in-flight request holds one pooled connection for as long as its
+///   handler runs, and a duplicate holds one briefly: size the pool for it.
+///   `begin` waits for a connection at most
+///   [`with_timeout`](TransactionalPostgresStore::with_timeout), then the
+///   layer answers 503.
+/// - Requests the layer does not cover (other methods, no key when keys are
+///   optional, a store failure with fail-open) reach the handler without a
+///   transaction. Use [`with_require_key(true)`](crate::IdempotencyLayer::with_require_key),
+///   or extract `Option<Extension<IdempotentTransaction>>` and fall back to
+///   a transaction of the handler's own.
+/// - Do not commit or roll back the transaction by hand: the layer does.
+///   Savepoints are fine ([`sqlx::Connection::begin`] on the guard opens
+///   one).
+/// - The transaction's isolation level is the connection's default (READ
+///   COMMITTED unless configured otherwise). Under REPEATABLE READ or
+///   SERIALIZABLE a race with a concurrent commit of the same key makes the
+///   record write fail, so the handler's writes roll back and the client
+///   gets 503; the retry replays.
+/// - A handler whose statement failed leaves the transaction aborted: the
+///   record cannot be written, so whatever status the handler answers, the
+///   client gets 503 and nothing is committed.
+/// - An open transaction holds locks like any other: on the records table
+///   (a share lock, which only schema changes wait for) and on whatever the
+///   handler wrote. A server-side `idle_in_transaction_session_timeout`
+///   shorter than a handler's pauses between statements ends its
+///   transaction: the client then gets 503.
+/// - Serve each key through one mode. The ordinary [`PostgresStore`] can
+///   share the table (its in-flight and completed rows are honoured here),
+///   but it does not see this store's requests while they run.
 #[derive(Clone)]
 pub struct TransactionalPostgresStore {
     pg: PostgresStore,
