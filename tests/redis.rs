@@ -456,13 +456,13 @@ async fn one_redis_key_per_idempotency_key_in_the_slot_of_its_hash() {
             );
         }
         // The slot is the hash's whatever the prefix.
-        let other = RedisStore::new(store.connection().clone()).with_prefix("elsewhere:");
+        let other = RedisStore::new(store.connection().unwrap().clone()).with_prefix("elsewhere:");
         assert_eq!(
             key_slot(other.redis_key(key).as_bytes()),
             key_slot(store.redis_key(key).as_bytes())
         );
     }
-    let default = RedisStore::new(store.connection().clone());
+    let default = RedisStore::new(store.connection().unwrap().clone());
     assert_eq!(
         default.redis_key(&done),
         format!("idempotency:{{{}}}", done.to_hex())
@@ -609,106 +609,15 @@ async fn undecodable_values_are_errors_not_replays() {
 
 // Commands per request.
 
-/// The commands clients sent through a [`counting_proxy`], by name, in
-/// order.
-#[derive(Clone, Default)]
-struct Wire(Arc<Mutex<Vec<String>>>);
-
-impl Wire {
-    fn len(&self) -> usize {
-        self.0.lock().unwrap().len()
-    }
-
-    fn since(&self, start: usize) -> Vec<String> {
-        self.0.lock().unwrap()[start..].to_vec()
-    }
-}
-
-/// Reads one RESP length line (`*3\r\n`, `$5\r\n`) at `pos`, introduced
-/// by `marker`: the number and the position after the line.
-fn resp_len(buf: &[u8], pos: usize, marker: u8) -> Option<(usize, usize)> {
-    let line_end = pos + buf.get(pos..)?.windows(2).position(|w| w == b"\r\n")?;
-    assert_eq!(buf[pos], marker, "not a RESP request");
-    let n = std::str::from_utf8(&buf[pos + 1..line_end])
-        .unwrap()
-        .parse()
-        .unwrap();
-    Some((n, line_end + 2))
-}
-
-/// One complete RESP request at the front of `buf`: its command name and
-/// its length in bytes, or `None` until all of it has arrived.
-fn resp_command(buf: &[u8]) -> Option<(String, usize)> {
-    let (args, mut pos) = resp_len(buf, 0, b'*')?;
-    let mut name = String::new();
-    for i in 0..args {
-        let (len, start) = resp_len(buf, pos, b'$')?;
-        if buf.len() < start + len + 2 {
-            return None;
-        }
-        if i == 0 {
-            name = String::from_utf8_lossy(&buf[start..start + len]).to_lowercase();
-        }
-        pos = start + len + 2;
-    }
-    Some((name, pos))
-}
-
-/// A TCP proxy to the Redis on `upstream` that records every command a
-/// client sends through it before forwarding it: the store's round trips,
-/// as seen on the wire (script-internal commands are not round trips).
-async fn counting_proxy(upstream: u16) -> (u16, Wire) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let wire = Wire::default();
-    let seen = wire.clone();
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let Ok(server) = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, upstream)).await
-            else {
-                continue;
-            };
-            let seen = seen.clone();
-            tokio::spawn(async move {
-                let (mut client_rx, mut client_tx) = client.into_split();
-                let (mut server_rx, mut server_tx) = server.into_split();
-                let down = tokio::io::copy(&mut server_rx, &mut client_tx);
-                let up = async {
-                    let mut pending = Vec::new();
-                    let mut chunk = vec![0u8; 64 * 1024];
-                    loop {
-                        let n = client_rx.read(&mut chunk).await?;
-                        if n == 0 {
-                            return server_tx.shutdown().await;
-                        }
-                        pending.extend_from_slice(&chunk[..n]);
-                        while let Some((name, used)) = resp_command(&pending) {
-                            seen.0.lock().unwrap().push(name);
-                            pending.drain(..used);
-                        }
-                        server_tx.write_all(&chunk[..n]).await?;
-                    }
-                };
-                let _ = tokio::join!(down, up);
-            });
-        }
-    });
-    (port, wire)
-}
-
 #[test]
 fn resp_requests_are_split() {
     let two = b"*1\r\n$4\r\nPING\r\n*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$4\r\n*\r\n*\r\n";
-    let (name, used) = resp_command(two).unwrap();
+    let (name, used) = common::resp::command(two).unwrap();
     assert_eq!((name.as_str(), used), ("ping", 14));
-    let (name, rest) = resp_command(&two[used..]).unwrap();
+    let (name, rest) = common::resp::command(&two[used..]).unwrap();
     assert_eq!((name.as_str(), rest), ("set", two.len() - used));
     for cut in 0..two.len() - used {
-        assert!(resp_command(&two[used..used + cut]).is_none());
+        assert!(common::resp::command(&two[used..used + cut]).is_none());
     }
 }
 
@@ -718,7 +627,7 @@ async fn commands_per_request() {
     let Some(server) = Server::start() else {
         return;
     };
-    let (port, wire) = counting_proxy(server.port).await;
+    let (port, wire) = common::resp::counting_proxy(server.port).await;
     let store = RedisStore::from_url(&format!("redis://127.0.0.1:{port}"))
         .await
         .unwrap()

@@ -89,8 +89,10 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use ::redis::aio::ConnectionManagerConfig;
+use ::redis::cluster::ClusterClient;
 use ::redis::{
-    Cmd, ErrorKind, RedisError, RedisWrite, Script, ServerErrorKind, ToRedisArgs, Value,
+    Cmd, ErrorKind, Pipeline, RedisError, RedisResult, RedisWrite, Script, ServerErrorKind,
+    ToRedisArgs, Value,
 };
 use async_trait::async_trait;
 use bytes::{BufMut, Bytes};
@@ -99,6 +101,7 @@ use bytes::{BufMut, Bytes};
 /// its [`ConnectionManager`] with the matching version.
 pub use ::redis as driver;
 pub use ::redis::aio::ConnectionManager;
+pub use ::redis::cluster_async::ClusterConnection;
 
 use super::{
     Begin, DEFAULT_TIMEOUT, LockToken, MAX_EXPIRY, Store, StoreError, StoreKey, Unsettled,
@@ -110,6 +113,9 @@ const DEFAULT_PREFIX: &str = "idempotency:";
 /// The bound on [`RedisStore::from_url`], connecting and loading the
 /// scripts included.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the cluster client retries a call (a redirection, a
+/// `TRYAGAIN` or `CLUSTERDOWN`, a lost connection) within the bound.
+const CLUSTER_RETRIES: u32 = 3;
 
 const IN_FLIGHT: u8 = 0x01;
 const COMPLETED: u8 = 0x02;
@@ -119,9 +125,19 @@ const IN_FLIGHT_LEN: usize = FENCE_LEN + 32;
 
 /// `ARGV[1]`: the fence (in-flight state and token). `ARGV[2]`: the
 /// completed value. `ARGV[3]`: the ttl in milliseconds.
+///
+/// A value already equal to `ARGV[2]` counts as written: it is what a
+/// resent `complete` finds after the first one applied (a reconnect, a
+/// cluster redirection, a retry after an unacknowledged write), and
+/// reporting it as a lost lease would be wrong. Another holder's record
+/// with the very same bytes would be the same response, so `1` is true
+/// either way. The comparison runs only when the fence does not match.
 const COMPLETE_SRC: &str = "\
 if redis.call('GETRANGE', KEYS[1], 0, 16) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+if redis.call('GET', KEYS[1]) == ARGV[2] then
   return 1
 end
 return 0";
@@ -146,42 +162,92 @@ static COMPLETE: LazyLock<Script> = LazyLock::new(|| Script::new(COMPLETE_SRC));
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_SRC));
 static EXTEND: LazyLock<Script> = LazyLock::new(|| Script::new(EXTEND_SRC));
 
-/// A [`Store`] in Redis, through the `redis` crate's auto-reconnecting
-/// [`ConnectionManager`].
+/// A [`Store`] in Redis: one server (or primary) through the `redis`
+/// crate's auto-reconnecting [`ConnectionManager`], or a Redis Cluster
+/// through its [`ClusterConnection`].
 ///
-/// Records are shared by every process that uses the same server and
-/// prefix, and expire by Redis's own clock. Cloning is cheap and shares
-/// the connection. See the [module docs](self) for the layout and an
-/// example.
+/// Records are shared by every process that uses the same server (or
+/// cluster) and prefix, and expire by Redis's own clock. Cloning is cheap
+/// and shares the connection. See the [module docs](self) for the layout,
+/// the cluster, replica acknowledgement and an example.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
     prefix: String,
     timeout: Duration,
+    replica_ack: u32,
+}
+
+/// The connection a store runs on.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    async fn query(&self, cmd: &Cmd) -> RedisResult<Value> {
+        match self {
+            Self::Single(conn) => cmd.query_async(&mut conn.clone()).await,
+            Self::Cluster(conn) => cmd.query_async(&mut conn.clone()).await,
+        }
+    }
+
+    async fn query_pipe(&self, pipe: &Pipeline) -> RedisResult<Vec<Value>> {
+        match self {
+            Self::Single(conn) => pipe.query_async(&mut conn.clone()).await,
+            Self::Cluster(conn) => pipe.query_async(&mut conn.clone()).await,
+        }
+    }
 }
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // The connection is left out: its address may carry credentials.
         f.debug_struct("RedisStore")
+            .field("cluster", &self.is_cluster())
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
+            .field("replica_ack", &self.replica_ack)
             .finish_non_exhaustive()
     }
 }
 
 impl RedisStore {
-    /// A store on `conn`, with the prefix `idempotency:` and a 1 second
-    /// bound on every call.
+    /// A store on `conn`, with the prefix `idempotency:`, a 1 second bound
+    /// on every call, and no replica acknowledgement.
     ///
     /// The manager's own response timeout (500 ms unless configured)
     /// applies too; [`from_url`](Self::from_url) turns it off in favour of
     /// [`with_timeout`](Self::with_timeout).
     pub fn new(conn: ConnectionManager) -> Self {
         Self {
-            conn,
+            conn: Conn::Single(conn),
             prefix: DEFAULT_PREFIX.to_owned(),
             timeout: DEFAULT_TIMEOUT,
+            replica_ack: 0,
+        }
+    }
+
+    /// A store on a Redis Cluster connection, with the prefix
+    /// `idempotency:`, a 1 second bound on every call, and every write
+    /// that guards against a second execution (the lock, the record, a
+    /// lease extension) acknowledged by one replica
+    /// ([`with_replica_ack`](Self::with_replica_ack)).
+    ///
+    /// The cluster client's own retries and timeouts apply within the
+    /// store's bound; [`from_cluster_urls`](Self::from_cluster_urls)
+    /// configures them so that a call never outlives it. One built
+    /// elsewhere should do the same: its defaults retry 16 times with waits
+    /// of at least 1.28 s and no response timeout, so a failover would
+    /// surface as [`StoreError::Timeout`] rather than as the
+    /// `CLUSTERDOWN` it is.
+    pub fn from_cluster(conn: ClusterConnection) -> Self {
+        Self {
+            conn: Conn::Cluster(conn),
+            prefix: DEFAULT_PREFIX.to_owned(),
+            timeout: DEFAULT_TIMEOUT,
+            replica_ack: 1,
         }
     }
 
@@ -207,6 +273,52 @@ impl RedisStore {
             store.load_scripts_unbounded().await?;
             Ok(store)
         };
+        Self::connect_within(connect).await
+    }
+
+    /// Connects to the Redis Cluster that `urls` (one or more of its nodes,
+    /// `redis://[user:password@]host:port`) belong to, learns its slot map
+    /// and loads the store's scripts on every primary.
+    ///
+    /// Replica acknowledgement is on (one replica; see
+    /// [`with_replica_ack`](Self::with_replica_ack)). The cluster client
+    /// follows `MOVED` and `ASK` and refreshes its slot map by itself, and
+    /// is configured so that no call outlives the store's default 1 second
+    /// bound: a connection or a response may take 1 second, and a call is
+    /// retried at most 3 times after waits of at most 250 ms, so
+    /// `CLUSTERDOWN` and `TRYAGAIN` during a failover reach the layer as
+    /// [`StoreError::Unavailable`] (503) within the bound.
+    ///
+    /// Gives up after 2 seconds with [`StoreError::Unavailable`] when no
+    /// node can be reached; an invalid URL is [`StoreError::Backend`].
+    pub async fn from_cluster_urls<I, S>(urls: I) -> Result<Self, StoreError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let urls: Vec<String> = urls.into_iter().map(|u| u.as_ref().to_owned()).collect();
+        let client = ClusterClient::builder(urls)
+            .connection_timeout(DEFAULT_TIMEOUT)
+            .response_timeout(DEFAULT_TIMEOUT)
+            .overall_response_timeout(Some(DEFAULT_TIMEOUT))
+            .retries(CLUSTER_RETRIES)
+            .min_retry_wait(10)
+            .max_retry_wait(250)
+            .retry_wait_formula(50, 2)
+            .build()
+            .map_err(classify)?;
+        let connect = async {
+            let conn = client.get_async_connection().await.map_err(classify)?;
+            let store = Self::from_cluster(conn);
+            store.load_scripts_unbounded().await?;
+            Ok(store)
+        };
+        Self::connect_within(connect).await
+    }
+
+    async fn connect_within(
+        connect: impl Future<Output = Result<Self, StoreError>>,
+    ) -> Result<Self, StoreError> {
         match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(result) => result,
             Err(_) => Err(StoreError::unavailable(format!(
@@ -219,6 +331,14 @@ impl RedisStore {
     ///
     /// Keep braces out of the prefix: Redis Cluster hashes the first
     /// `{…}` in a key, and the store's own hash tag follows the prefix.
+    ///
+    /// ```
+    /// # async fn f(conn: tower_idempotency::store::redis::ConnectionManager) {
+    /// use tower_idempotency::store::redis::RedisStore;
+    ///
+    /// let store = RedisStore::new(conn).with_prefix("payments:idempotency:");
+    /// # }
+    /// ```
     #[must_use]
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
@@ -237,9 +357,59 @@ impl RedisStore {
         self
     }
 
-    /// The connection the store runs on.
-    pub fn connection(&self) -> &ConnectionManager {
-        &self.conn
+    /// Waits until `replicas` replicas have acknowledged each write that
+    /// guards against a second execution: the lock `begin` takes, the
+    /// record `complete` writes, and each lease extension. `0` turns it
+    /// off. On by default (one replica) for a cluster, off for a single
+    /// server, which often has no replica to wait for.
+    ///
+    /// Redis replicates asynchronously: a primary that fails after
+    /// acknowledging a write but before a replica has it loses the write
+    /// when the replica takes over, and the next retry of that key runs
+    /// the request again. With acknowledgement, `WAIT <replicas> <ms>` is
+    /// sent in the same pipeline as the write (no extra round trip; it
+    /// costs the replication delay, see BENCHMARKS.md), and a write that
+    /// too few replicas acknowledged within half the store's bound fails
+    /// closed: the lock is released and `begin` fails with
+    /// [`StoreError::Unavailable`] (503, and the client retries later), a
+    /// record or an extension fails with it too (the layer retries the
+    /// record in the background and the response is still sent). While a
+    /// primary has no live replica, its keys therefore answer 503.
+    ///
+    /// ```
+    /// # async fn f(conn: tower_idempotency::store::redis::ConnectionManager) {
+    /// use tower_idempotency::store::redis::RedisStore;
+    ///
+    /// // A primary with replicas behind Sentinel: wait for one of them.
+    /// let store = RedisStore::new(conn).with_replica_ack(1);
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn with_replica_ack(mut self, replicas: u32) -> Self {
+        self.replica_ack = replicas;
+        self
+    }
+
+    /// The connection manager the store runs on; `None` on a cluster.
+    pub fn connection(&self) -> Option<&ConnectionManager> {
+        match &self.conn {
+            Conn::Single(conn) => Some(conn),
+            Conn::Cluster(_) => None,
+        }
+    }
+
+    /// The cluster connection the store runs on; `None` on a single
+    /// server.
+    pub fn cluster_connection(&self) -> Option<&ClusterConnection> {
+        match &self.conn {
+            Conn::Single(_) => None,
+            Conn::Cluster(conn) => Some(conn),
+        }
+    }
+
+    /// Whether the store runs on a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
     }
 
     /// The prefix of every Redis key the store writes.
@@ -253,6 +423,12 @@ impl RedisStore {
         self.timeout
     }
 
+    /// How many replicas must acknowledge a write, as
+    /// [`with_replica_ack`](Self::with_replica_ack) set it (`0`: none).
+    pub fn replica_ack(&self) -> u32 {
+        self.replica_ack
+    }
+
     /// The Redis key that holds `key`'s lock or record:
     /// `<prefix>{<64 hex digits>}`.
     pub fn redis_key(&self, key: &StoreKey) -> String {
@@ -264,21 +440,35 @@ impl RedisStore {
         out
     }
 
-    /// Loads the store's Lua scripts into the server's script cache, in
-    /// one round trip, so that the first `complete`, `release` or `extend`
-    /// finds them there. Optional: a missing script is loaded on first use.
-    /// [`from_url`](Self::from_url) calls it.
+    /// Loads the store's Lua scripts into the server's script cache (on a
+    /// cluster, every node's), in one round trip per node, so that the
+    /// first `complete`, `release` or `extend` finds them there. Optional:
+    /// a missing script is sent again in full on first use.
+    /// [`from_url`](Self::from_url) and
+    /// [`from_cluster_urls`](Self::from_cluster_urls) call it.
     pub async fn load_scripts(&self) -> Result<(), StoreError> {
         self.bounded(self.load_scripts_unbounded()).await
     }
 
     async fn load_scripts_unbounded(&self) -> Result<(), StoreError> {
-        let mut pipe = ::redis::pipe();
-        for source in [COMPLETE_SRC, RELEASE_SRC, EXTEND_SRC] {
-            pipe.cmd("SCRIPT").arg("LOAD").arg(source).ignore();
+        match &self.conn {
+            Conn::Single(_) => {
+                let mut pipe = ::redis::pipe();
+                for source in [COMPLETE_SRC, RELEASE_SRC, EXTEND_SRC] {
+                    pipe.cmd("SCRIPT").arg("LOAD").arg(source).ignore();
+                }
+                self.conn.query_pipe(&pipe).await.map_err(classify)?;
+            }
+            // The cluster client sends `SCRIPT LOAD` to every node.
+            Conn::Cluster(_) => {
+                for source in [COMPLETE_SRC, RELEASE_SRC, EXTEND_SRC] {
+                    let mut cmd = ::redis::cmd("SCRIPT");
+                    cmd.arg("LOAD").arg(source);
+                    self.conn.query(&cmd).await.map_err(classify)?;
+                }
+            }
         }
-        let mut conn = self.conn.clone();
-        pipe.exec_async(&mut conn).await.map_err(classify)
+        Ok(())
     }
 
     /// Runs `op` within the store's bound.
@@ -292,41 +482,90 @@ impl RedisStore {
         }
     }
 
-    /// One fenced script call on `key`: `EVALSHA`, and on `NOSCRIPT` the
-    /// script is loaded and the call repeated. The whole is bounded.
+    /// Sends `cmd`, followed in the same pipeline by `WAIT` when writes
+    /// need replica acknowledgement (`ack`): one round trip either way.
+    /// Returns the command's reply, and whether enough replicas
+    /// acknowledged it (always `true` without `WAIT`).
+    async fn send(&self, cmd: &Cmd, ack: bool) -> RedisResult<(Value, bool)> {
+        if !ack || self.replica_ack == 0 {
+            return Ok((self.conn.query(cmd).await?, true));
+        }
+        let wait_ms = crate::util::millis(self.timeout / 2).max(1);
+        let mut pipe = ::redis::pipe();
+        pipe.add_command(cmd.clone())
+            .cmd("WAIT")
+            .arg(self.replica_ack)
+            .arg(wait_ms);
+        let mut replies = self.conn.query_pipe(&pipe).await?.into_iter();
+        let (Some(reply), Some(acked)) = (replies.next(), replies.next()) else {
+            return Err(RedisError::from((
+                ErrorKind::Client,
+                "a pipeline of two commands got fewer than two replies",
+            )));
+        };
+        let acked = match acked {
+            Value::Int(n) => u64::try_from(n).unwrap_or(0) >= u64::from(self.replica_ack),
+            _ => false,
+        };
+        Ok((reply, acked))
+    }
+
+    /// One fenced script call on `key`: `EVALSHA` (and `WAIT` if `ack`),
+    /// and on `NOSCRIPT`, as on a primary that a failover promoted or a
+    /// server restarted since the scripts were loaded, the same call with
+    /// `EVAL` and the script's source, which the node it reaches caches.
+    /// The whole is bounded.
     async fn fenced(
         &self,
         script: &Script,
+        source: &'static str,
         key: &StoreKey,
         token: &LockToken,
-        args: impl FnOnce(&mut Cmd),
+        ack: bool,
+        args: impl Fn(&mut Cmd),
     ) -> Result<bool, StoreError> {
-        let mut cmd = ::redis::cmd("EVALSHA");
-        cmd.arg(script.get_hash())
-            .arg(1)
-            .arg(self.redis_key(key))
-            .arg(&fence(token)[..]);
-        args(&mut cmd);
+        let call = |by_hash: bool| {
+            let mut cmd = ::redis::cmd(if by_hash { "EVALSHA" } else { "EVAL" });
+            if by_hash {
+                cmd.arg(script.get_hash());
+            } else {
+                cmd.arg(source);
+            }
+            cmd.arg(1).arg(self.redis_key(key)).arg(&fence(token)[..]);
+            args(&mut cmd);
+            cmd
+        };
         self.bounded(async {
-            let mut conn = self.conn.clone();
-            let reply = match cmd.query_async::<Value>(&mut conn).await {
+            let (reply, acked) = match self.send(&call(true), ack).await {
                 Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                    script.load_async(&mut conn).await.map_err(classify)?;
-                    cmd.query_async::<Value>(&mut conn).await
+                    self.send(&call(false), ack).await
                 }
                 other => other,
             }
             .map_err(classify)?;
-            match reply {
-                Value::Int(1) => Ok(true),
-                Value::Int(0) => Ok(false),
-                other => Err(StoreError::backend(format!(
-                    "unexpected reply from an idempotency script: {other:?}"
-                ))),
+            let done = match reply {
+                Value::Int(1) => true,
+                Value::Int(0) => false,
+                other => {
+                    return Err(StoreError::backend(format!(
+                        "unexpected reply from an idempotency script: {other:?}"
+                    )));
+                }
+            };
+            if done && !acked {
+                return Err(not_acknowledged(self.replica_ack));
             }
+            Ok(done)
         })
         .await
     }
+}
+
+/// A write that too few replicas acknowledged.
+fn not_acknowledged(replicas: u32) -> StoreError {
+    StoreError::unavailable(format!(
+        "the write was not acknowledged by {replicas} replica(s) in time; a failover could lose it"
+    ))
 }
 
 /// The in-flight state byte and the token: the first 17 bytes of the value
@@ -449,25 +688,33 @@ impl Store for RedisStore {
             .arg("PX")
             .arg(millis(lease))
             .arg("GET");
-        // If the SET is sent but its answer never arrives, the lock may have
-        // been taken under `token`: release it in the background.
+        // If the SET is sent but its answer never arrives, or the lock is
+        // taken but too few replicas acknowledged it, the lock may be held
+        // under `token`: release it in the background.
         let unsettled = Unsettled::new(self, key, token);
-        let reply = self
-            .bounded(async {
-                let mut conn = self.conn.clone();
-                cmd.query_async::<Value>(&mut conn)
-                    .await
-                    .map_err(map_set_err)
-            })
+        let (reply, acked) = self
+            .bounded(async { self.send(&cmd, true).await.map_err(map_set_err) })
             .await?;
-        unsettled.settled();
-        match reply {
-            Value::Nil => Ok(Begin::Acquired(token)),
-            Value::BulkString(bytes) => decode_value(Bytes::from(bytes)),
-            other => Err(StoreError::backend(format!(
-                "unexpected reply to SET NX GET: {other:?}"
-            ))),
+        let begin = match reply {
+            Value::Nil => Begin::Acquired(token),
+            // A SET resent after the first one applied (a reconnect, a
+            // cluster redirection) finds this very attempt's lock.
+            Value::BulkString(bytes) if bytes.starts_with(&fence(&token)) => Begin::Acquired(token),
+            Value::BulkString(bytes) => {
+                unsettled.settled();
+                return decode_value(Bytes::from(bytes));
+            }
+            other => {
+                return Err(StoreError::backend(format!(
+                    "unexpected reply to SET NX GET: {other:?}"
+                )));
+            }
+        };
+        if !acked {
+            return Err(not_acknowledged(self.replica_ack));
         }
+        unsettled.settled();
+        Ok(begin)
     }
 
     async fn complete(
@@ -478,14 +725,17 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> Result<bool, StoreError> {
         let encoded = record.encode();
-        self.fenced(&COMPLETE, key, token, |cmd| {
+        self.fenced(&COMPLETE, COMPLETE_SRC, key, token, true, |cmd| {
             cmd.arg(CompletedValue(&encoded)).arg(millis(ttl));
         })
         .await
     }
 
     async fn release(&self, key: &StoreKey, token: &LockToken) -> Result<bool, StoreError> {
-        self.fenced(&RELEASE, key, token, |_| {}).await
+        // A release lost in a failover brings the lock back until its lease
+        // ends: retries wait, nothing runs twice. No acknowledgement needed.
+        self.fenced(&RELEASE, RELEASE_SRC, key, token, false, |_| {})
+            .await
     }
 
     async fn extend(
@@ -494,7 +744,7 @@ impl Store for RedisStore {
         token: &LockToken,
         lease: Duration,
     ) -> Result<bool, StoreError> {
-        self.fenced(&EXTEND, key, token, |cmd| {
+        self.fenced(&EXTEND, EXTEND_SRC, key, token, true, |cmd| {
             cmd.arg(millis(lease));
         })
         .await

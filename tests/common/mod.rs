@@ -2,6 +2,8 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 pub mod proxy;
+#[cfg(feature = "redis")]
+pub mod resp;
 #[cfg(feature = "test-util")]
 pub mod scenarios;
 
@@ -153,6 +155,26 @@ pub const NATS: (&str, &str) = ("NATS_URL", "nats://127.0.0.1:4222");
 pub const RABBITMQ: (&str, &str) = ("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
 pub const MYSQL: (&str, &str) = ("MYSQL_URL", "mysql://root@127.0.0.1:3306/test");
 pub const DYNAMODB: (&str, &str) = ("AWS_ENDPOINT_URL", "http://127.0.0.1:8000");
+/// The local cluster `scripts/redis-cluster.sh start` runs: comma-separated
+/// node URLs.
+pub const REDIS_CLUSTER: (&str, &str) = (
+    "REDIS_CLUSTER_URLS",
+    "redis://127.0.0.1:7000,redis://127.0.0.1:7001,redis://127.0.0.1:7002,\
+     redis://127.0.0.1:7003,redis://127.0.0.1:7004,redis://127.0.0.1:7005",
+);
+
+/// The node URLs of a Redis Cluster, from `REDIS_CLUSTER_URLS` or the local
+/// cluster's, as [`backend`] finds a server (its first node must answer).
+pub fn cluster_backend() -> Option<Vec<String>> {
+    let urls = backend(REDIS_CLUSTER)?;
+    Some(
+        urls.split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    )
+}
 
 /// The URL of a backend: its variable if set, otherwise the standard local
 /// address if something listens there. `None` (the caller skips) when
@@ -211,9 +233,12 @@ pub fn backend((var, default): (&str, &str)) -> Option<String> {
     resolved
 }
 
-/// Whether something accepts a TCP connection at the URL's host and port.
+/// Whether something accepts a TCP connection at the URL's host and port
+/// (the first URL's, of a comma-separated list).
 fn listening(url: &str) -> bool {
     use std::net::{TcpStream, ToSocketAddrs};
+    // A list of node URLs (a cluster): its first.
+    let url = url.split(',').next().unwrap_or("").trim();
     let Some((_, rest)) = url.split_once("://") else {
         return false;
     };
@@ -300,6 +325,41 @@ pub async fn delete_prefix(url: &str, prefix: &str) {
             .query_async(&mut conn)
             .await
             .unwrap();
+    }
+}
+
+/// The primaries among `urls` (a cluster's node URLs): each answers
+/// `ROLE` with `master`. Nodes that do not answer (a killed one) are left
+/// out.
+#[cfg(feature = "redis")]
+pub async fn cluster_primaries(urls: &[String]) -> Vec<String> {
+    use tower_idempotency::store::redis::driver;
+    let mut primaries = Vec::new();
+    for url in urls {
+        let Ok(client) = driver::Client::open(url.as_str()) else {
+            continue;
+        };
+        let connect = client.get_multiplexed_async_connection();
+        let Ok(Ok(mut conn)) = tokio::time::timeout(Duration::from_secs(1), connect).await else {
+            continue;
+        };
+        let role: driver::RedisResult<Vec<driver::Value>> =
+            driver::cmd("ROLE").query_async(&mut conn).await;
+        if let Ok(role) = role
+            && matches!(role.first(), Some(driver::Value::BulkString(r)) if r == b"master")
+        {
+            primaries.push(url.clone());
+        }
+    }
+    primaries
+}
+
+/// Deletes every key under `prefix` on every primary of the cluster `urls`
+/// belong to: `SCAN` sees one node's keys only.
+#[cfg(feature = "redis")]
+pub async fn delete_prefix_on_cluster(urls: &[String], prefix: &str) {
+    for primary in cluster_primaries(urls).await {
+        delete_prefix(&primary, prefix).await;
     }
 }
 
