@@ -1,8 +1,11 @@
 //! An order service whose `POST /orders` is safe to retry.
 //!
 //! Run with `cargo run --example orders` (in-memory store). With
-//! `--features redis` and `REDIS_URL` set, records live in Redis. Otherwise
-//! the scheme of `DATABASE_URL` picks a SQL store, each with its feature:
+//! `--features redis` and `REDIS_CLUSTER_URLS` set (comma-separated node
+//! URLs), records live in that Redis Cluster, each lock and record
+//! acknowledged by a replica before the service relies on it; with
+//! `REDIS_URL` set instead, in that Redis. Otherwise the scheme of
+//! `DATABASE_URL` picks a SQL store, each with its feature:
 //!
 //! | `DATABASE_URL` | store | feature |
 //! |---|---|---|
@@ -143,6 +146,18 @@ async fn backend() -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
     #[cfg(feature = "dynamodb")]
     if let Ok(table) = std::env::var("DYNAMODB_TABLE") {
         return dynamodb_store(table).await;
+    }
+    #[cfg(feature = "redis")]
+    if let Ok(urls) = std::env::var("REDIS_CLUSTER_URLS") {
+        let store = tower_idempotency::store::redis::RedisStore::from_cluster_urls(
+            urls.split(',').map(str::trim).filter(|u| !u.is_empty()),
+        )
+        .await?;
+        tracing::info!(
+            replica_ack = store.replica_ack(),
+            "using RedisStore on a Redis Cluster"
+        );
+        return Ok(Arc::new(store));
     }
     #[cfg(feature = "redis")]
     if let Ok(url) = std::env::var("REDIS_URL") {

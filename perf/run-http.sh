@@ -6,6 +6,8 @@
 #                                 # memory bounded to 20,000 entries;
 #                                 # redis, postgres, mysql and sqlite
 #                                 # unique/repeat
+#   perf/run-http.sh --stores "redis redis-cluster"
+#                                 # bare and the named store rows only
 #   perf/run-http.sh --million    # bare, then memory preloaded with
 #                                 # 1,000,000 records: replays and first
 #                                 # executions on top of them; then first
@@ -16,7 +18,8 @@
 #   LOADGEN_THREADS [1]  SERVER_THREADS [0 = one per core]  PORT [39180]
 #   PRELOAD [1000000] (--million)  RESULTS_DIR [a new temporary directory]
 #   REDIS_URL, DATABASE_URL, MYSQL_URL: the redis, postgres and mysql rows
-#   run only when set (PG_POOL [16]: the server's SQL pool size). The sqlite
+#   run only when set; REDIS_CLUSTER_URLS (comma-separated nodes): the
+#   redis-cluster rows, with and without replica acknowledgement (PG_POOL [16]: the server's SQL pool size). The sqlite
 #   row runs on a fresh file in the temporary directory (SQLITE_PATH).
 #   AWS_ENDPOINT_URL: the dynamodb rows (a DynamoDB emulator's latency is
 #   not DynamoDB's).
@@ -37,9 +40,18 @@ PORT="${PORT:-39180}"
 PRELOAD="${PRELOAD:-1000000}"
 
 million=0
-for arg in "$@"; do
+stores="redis redis-cluster redis-cluster-noack postgres mysql sqlite dynamodb"
+only=0
+while [ $# -gt 0 ]; do
+  arg="$1"
+  shift
   case "$arg" in
     --million) million=1 ;;
+    --stores)
+      stores="${1:?--stores needs a list}"
+      only=1
+      shift
+      ;;
     -h | --help)
       awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
       exit 0
@@ -53,7 +65,7 @@ done
 
 features=()
 if [ "$million" = 0 ]; then
-  if [ -n "${REDIS_URL:-}" ]; then features+=(redis); fi
+  if [ -n "${REDIS_URL:-}${REDIS_CLUSTER_URLS:-}" ]; then features+=(redis); fi
   if [ -n "${DATABASE_URL:-}" ]; then features+=(postgres); fi
   if [ -n "${MYSQL_URL:-}" ]; then features+=(mysql); fi
   if [ -n "${AWS_ENDPOINT_URL:-}" ]; then features+=(dynamodb); fi
@@ -169,19 +181,25 @@ if [ "$million" = 1 ]; then
   measure "memory, $PRELOAD preloaded, $PRELOAD max" unique
   stop_server
 else
-  start_server memory memory
-  measure memory unique
-  measure memory repeat
-  measure memory storm
-  stop_server
-  # A store at its bound: the oldest records make room, so it stops
-  # growing (the steady state of a long-running server).
-  start_server memory-bounded memory --max-entries 20000
-  measure "memory, 20,000 max" unique
-  stop_server
-  for backend in redis postgres mysql sqlite dynamodb; do
+  if [ "$only" = 0 ]; then
+    start_server memory memory
+    measure memory unique
+    measure memory repeat
+    measure memory storm
+    stop_server
+    # A store at its bound: the oldest records make room, so it stops
+    # growing (the steady state of a long-running server).
+    start_server memory-bounded memory --max-entries 20000
+    measure "memory, 20,000 max" unique
+    stop_server
+  fi
+  for backend in $stores; do
     if [ "$backend" = redis ] && [ -z "${REDIS_URL:-}" ]; then
       echo "==> skipping redis: REDIS_URL is unset" >&2
+      continue
+    fi
+    if [ "${backend#redis-cluster}" != "$backend" ] && [ -z "${REDIS_CLUSTER_URLS:-}" ]; then
+      echo "==> skipping $backend: REDIS_CLUSTER_URLS is unset" >&2
       continue
     fi
     if [ "$backend" = postgres ] && [ -z "${DATABASE_URL:-}" ]; then

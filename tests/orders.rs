@@ -273,6 +273,47 @@ async fn orders_on_redis() {
     delete_record(&url, &idem).await;
 }
 
+/// On a Redis Cluster (`REDIS_CLUSTER_URLS`), the record is on exactly one
+/// primary and on its replica: the example waits for the replica to
+/// acknowledge it.
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_on_redis_cluster() {
+    use tower_idempotency::store::redis::driver;
+    let Some(urls) = common::cluster_backend() else {
+        return;
+    };
+    let idem =
+        one_order_across_instances_and_restarts(vec![("REDIS_CLUSTER_URLS", urls.join(","))]).await;
+    let key = format!("idempotency:{{{}}}", common::store_key_hex(&idem));
+    // Each node: a primary holds it, a replica holds a copy (READONLY lets
+    // a replica answer for its primary's slots).
+    let (mut on_primaries, mut on_replicas) = (0, 0);
+    let primaries = common::cluster_primaries(&urls).await;
+    for url in &urls {
+        let mut conn = driver::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = driver::cmd("READONLY")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let exists: driver::RedisResult<usize> =
+            driver::cmd("EXISTS").arg(&key).query_async(&mut conn).await;
+        if exists == Ok(1) {
+            if primaries.contains(url) {
+                on_primaries += 1;
+            } else {
+                on_replicas += 1;
+            }
+        }
+    }
+    common::delete_prefix_on_cluster(&urls, &key).await;
+    assert_eq!((on_primaries, on_replicas), (1, 1), "the record's copies");
+}
+
 /// Started with `REDIS_URL` and `IDEMPOTENCY_RECORD_KEY`: Redis holds no
 /// order in plaintext, the order still replays, and another caller's
 /// credentials with the same key and body get 422, never the order.

@@ -28,8 +28,9 @@
 //! version 1, re-exported as [`driver`] so the versions always match.
 //!
 //! Requires Redis 7.0 or later (or a compatible server such as Valkey):
-//! `begin` uses `SET … NX GET`. The store talks to one endpoint: a
-//! standalone server or primary, or a proxy that routes for a cluster.
+//! `begin` uses `SET … NX GET`. The store talks to one endpoint (a
+//! standalone server or primary, or a proxy that routes for a cluster), or
+//! to a Redis Cluster: see [Redis Cluster](#redis-cluster).
 //!
 //! # Layout
 //!
@@ -68,6 +69,71 @@
 //! fingerprint mismatch costs one. [`Store::wait`] keeps the trait's
 //! default (a 25 ms sleep, then the layer calls `begin` again) for layers
 //! that wait on an in-flight request instead of answering 409.
+//!
+//! # Redis Cluster
+//!
+//! [`RedisStore::from_cluster_urls`] connects to a cluster (self-hosted,
+//! ElastiCache or MemoryDB in cluster mode, Valkey) through the `redis`
+//! crate's [`ClusterConnection`], which follows `MOVED` and `ASK` and
+//! refreshes its slot map by itself; [`RedisStore::from_cluster`] takes
+//! one the application built. Each key's hash tag puts it in one slot, so
+//! every step is still one round trip, to the primary that owns the key:
+//!
+//! ```no_run
+//! use tower_idempotency::IdempotencyLayer;
+//! use tower_idempotency::store::redis::RedisStore;
+//!
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = RedisStore::from_cluster_urls([
+//!     "redis://10.0.0.1:6379",
+//!     "redis://10.0.0.2:6379",
+//!     "redis://10.0.0.3:6379",
+//! ])
+//! .await?;
+//! let layer = IdempotencyLayer::new(store);
+//! # let _ = layer;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A primary promoted by a failover, or a restarted node, has not seen the
+//! scripts: a `NOSCRIPT` reply makes the store send the same call once
+//! more with `EVAL` and the script's source, which reaches whichever node
+//! holds the key and leaves the script cached there.
+//!
+//! ## Replica acknowledgement
+//!
+//! Redis replicates asynchronously. A primary that acknowledged a lock or
+//! a record and failed before its replica received it loses that write
+//! when the replica takes over, and the next retry of the key runs the
+//! request a second time. With [`with_replica_ack`](RedisStore::with_replica_ack)
+//! (one replica, on by default for a cluster) the store pipelines
+//! `WAIT <replicas> <ms>` after the lock, the record and each lease
+//! extension: no extra round trip, the replication delay added to those
+//! steps, and a write too few replicas acknowledged in time fails closed
+//! (503) instead of being relied on. A release is not acknowledged: losing
+//! one only brings the lock back until its lease ends. `WAIT` narrows the
+//! window to writes the primary and its replica both lose; it is not a
+//! consensus (see Redis's own documentation of `WAIT`).
+//!
+//! ## A resent command
+//!
+//! A reconnect, a redirection or a retry of the cluster client can send a
+//! command again after the first one was applied. No step can then run a
+//! request twice or break the fence:
+//!
+//! - `begin`: the second `SET … NX` finds the first one's value. If it
+//!   holds this attempt's own token, the store answers
+//!   [`Begin::Acquired`], as the first `SET` did; any other value is
+//!   another request's lock or record, and nothing is written.
+//! - `complete`: the script writes only while the key holds this token in
+//!   flight. Resent, it finds the record it wrote, byte for byte, and
+//!   answers `1` again; it never overwrites another holder's lock or
+//!   record.
+//! - `release`: resent, it finds the key gone (or held under another
+//!   token) and deletes nothing.
+//! - `extend`: fenced by the token; resent, it moves the same lease end.
+//! - `WAIT` writes nothing.
 //!
 //! # Timeouts and errors
 //!

@@ -2,7 +2,7 @@
 //! JSON order echoing the item; `GET /orders` answers 200 with the count.
 //!
 //! ```text
-//! bench-server --port 3000 --mode bare|memory|redis|postgres|mysql|sqlite|dynamodb \
+//! bench-server --port 3000 --mode bare|memory|redis|redis-cluster|redis-cluster-noack|postgres|mysql|sqlite|dynamodb \
 //!              [--preload N] [--preload-body-bytes 1024] [--delay-ms 0] \
 //!              [--threads 0] [--exit-after 900] [--max-entries 2000000] \
 //!              [--body-mode keep|wrap]
@@ -13,6 +13,10 @@
 //!   and 4 GiB (a small bound keeps the store from growing: the oldest
 //!   records make room);
 //! - `redis`: `RedisStore` on `REDIS_URL` (feature `redis`);
+//! - `redis-cluster`: `RedisStore` on the Redis Cluster `REDIS_CLUSTER_URLS`
+//!   names (comma-separated nodes), each lock, record and extension
+//!   acknowledged by a replica (the cluster default); `redis-cluster-noack`:
+//!   the same without acknowledgement (feature `redis`);
 //! - `postgres`: `PostgresStore` on `DATABASE_URL`, table
 //!   `perf_idempotency_records` (feature `postgres`; `PG_POOL` connections,
 //!   default 16: PostgreSQL shares the 2 cores, and more backends than that
@@ -100,6 +104,7 @@ enum Mode {
     Bare,
     Memory,
     Redis,
+    RedisCluster { ack: bool },
     Postgres,
     Mysql,
     Sqlite,
@@ -113,6 +118,8 @@ impl std::str::FromStr for Mode {
             "bare" => Self::Bare,
             "memory" => Self::Memory,
             "redis" => Self::Redis,
+            "redis-cluster" => Self::RedisCluster { ack: true },
+            "redis-cluster-noack" => Self::RedisCluster { ack: false },
             "postgres" => Self::Postgres,
             "mysql" => Self::Mysql,
             "sqlite" => Self::Sqlite,
@@ -138,6 +145,7 @@ async fn store(
             Ok((Some(Arc::new(store.clone())), Some(store)))
         }
         Mode::Redis => redis_store().await.map(|s| (Some(s), None)),
+        Mode::RedisCluster { ack } => redis_cluster_store(ack).await.map(|s| (Some(s), None)),
         Mode::Postgres => postgres_store().await.map(|s| (Some(s), None)),
         Mode::Mysql => mysql_store().await.map(|s| (Some(s), None)),
         Mode::Sqlite => sqlite_store().await.map(|s| (Some(s), None)),
@@ -158,6 +166,25 @@ async fn redis_store() -> Result<Arc<dyn Store>, BoxError> {
 #[cfg(not(feature = "redis"))]
 async fn redis_store() -> Result<Arc<dyn Store>, BoxError> {
     Err("--mode redis needs the `redis` feature of this crate".into())
+}
+
+#[cfg(feature = "redis")]
+async fn redis_cluster_store(ack: bool) -> Result<Arc<dyn Store>, BoxError> {
+    let urls = std::env::var("REDIS_CLUSTER_URLS")
+        .map_err(|_| "--mode redis-cluster needs REDIS_CLUSTER_URLS")?;
+    let store = tower_idempotency::store::redis::RedisStore::from_cluster_urls(urls.split(','))
+        .await?
+        .with_prefix("perf:idempotency:");
+    Ok(Arc::new(if ack {
+        store
+    } else {
+        store.with_replica_ack(0)
+    }))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redis_cluster_store(_ack: bool) -> Result<Arc<dyn Store>, BoxError> {
+    Err("--mode redis-cluster needs the `redis` feature of this crate".into())
 }
 
 #[cfg(feature = "postgres")]
