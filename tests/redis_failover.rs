@@ -436,6 +436,7 @@ fn xorshift(state: &mut u64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_under_load_with_and_without_replica_ack() {
+    let _ = tracing_subscriber::fmt().with_env_filter("tower_idempotency=warn").with_writer(std::io::stderr).try_init();
     let Some(urls) = common::cluster_backend() else {
         return;
     };
