@@ -3,152 +3,19 @@
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use http::header::AUTHORIZATION;
 use http::request::Parts;
 use http::{HeaderName, Method, StatusCode};
-use sha2::{Digest, Sha256};
 use tower_layer::Layer;
 
 use crate::body::{KeepBody, WrapBody};
+use crate::config::Config;
 use crate::engine::{Engine, InFlightPolicy, Settings, StoreErrorPolicy};
 use crate::fingerprint::FingerprintConfig;
-use crate::key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyKey};
 use crate::problem::ProblemDocs;
 use crate::service::{Idempotency, Shared};
-use crate::store::{Store, StoreKey};
-
-/// A handler's say over one response, put in the response's extensions.
-///
-/// ```
-/// use axum::{http::StatusCode, response::IntoResponse};
-/// use std::time::Duration;
-/// use tower_idempotency::Retention;
-///
-/// async fn handler() -> impl IntoResponse {
-///     // A quote that is only valid for five minutes.
-///     (StatusCode::CREATED, axum::Extension(Retention::RecordFor(Duration::from_secs(300))), "quote")
-/// }
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Retention {
-    /// Do not record this response; release the key so a retry runs again.
-    DoNotRecord,
-    /// Record this response even if the policy would not (for example a
-    /// 5xx that must not be repeated).
-    Record,
-    /// Record this response for this long instead of the layer's ttl.
-    RecordFor(Duration),
-}
-
-type ScopeFn = dyn Fn(&Parts) -> Option<String> + Send + Sync;
-type RecordIfFn = dyn Fn(StatusCode) -> bool + Send + Sync;
-
-/// The default recording policy: 2xx, 3xx and 4xx, except the 4xx that
-/// depend on credentials or time (401, 403, 408, 425, 429).
-pub fn default_record_if(status: StatusCode) -> bool {
-    let code = status.as_u16();
-    (200..500).contains(&code) && !matches!(code, 401 | 403 | 408 | 425 | 429)
-}
-
-#[derive(Clone)]
-pub(crate) struct Config {
-    pub(crate) header: HeaderName,
-    pub(crate) methods: Vec<Method>,
-    pub(crate) require_key: bool,
-    pub(crate) min_key_len: usize,
-    pub(crate) max_key_len: usize,
-    pub(crate) max_request_body: usize,
-    pub(crate) max_response_body: usize,
-    pub(crate) scope: Option<Arc<ScopeFn>>,
-    /// Whether a request without a scope has its `Authorization` in its
-    /// fingerprint (default: yes).
-    pub(crate) bind_credentials: bool,
-    /// Set once the warning about credentials without a scope is logged.
-    pub(crate) warned_unscoped: Arc<std::sync::atomic::AtomicBool>,
-    pub(crate) fingerprint: FingerprintConfig,
-    pub(crate) record_if: Arc<RecordIfFn>,
-    pub(crate) replayed_header: Option<HeaderName>,
-    pub(crate) excluded_headers: Vec<HeaderName>,
-    pub(crate) retry_after: Duration,
-    pub(crate) problems: ProblemDocs,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            header: IDEMPOTENCY_KEY,
-            methods: crate::util::default_methods(),
-            require_key: false,
-            min_key_len: 1,
-            max_key_len: 255,
-            max_request_body: 1024 * 1024,
-            max_response_body: 4 * 1024 * 1024,
-            scope: None,
-            bind_credentials: true,
-            warned_unscoped: Arc::default(),
-            fingerprint: FingerprintConfig::default(),
-            record_if: Arc::new(default_record_if),
-            replayed_header: Some(IDEMPOTENT_REPLAYED),
-            excluded_headers: Vec::new(),
-            retry_after: Duration::from_secs(1),
-            problems: ProblemDocs::default(),
-        }
-    }
-}
-
-impl Config {
-    #[inline]
-    pub(crate) fn covers(&self, method: &Method) -> bool {
-        crate::util::covers(&self.methods, method)
-    }
-
-    /// SHA-256 of the scope and the key: what the store files under; and
-    /// whether the request had a scope.
-    pub(crate) fn store_key(&self, parts: &Parts, key: &IdempotencyKey) -> (StoreKey, bool) {
-        let mut h = Sha256::new();
-        h.update(b"tower-idempotency/key/v1\0");
-        let scoped = match self.scope.as_ref().and_then(|f| f(parts)) {
-            Some(scope) => {
-                h.update([1]);
-                h.update((scope.len() as u64).to_be_bytes());
-                h.update(scope.as_bytes());
-                true
-            }
-            None => {
-                h.update([0]);
-                false
-            }
-        };
-        h.update(key.as_str().as_bytes());
-        (StoreKey::from_bytes(h.finalize().into()), scoped)
-    }
-
-    /// The request's credentials to bind into its fingerprint: its
-    /// `Authorization` values, when it has no scope and binding is on.
-    /// Logs, once per layer, that credentials arrive without a scope.
-    pub(crate) fn credentials<'a>(
-        &self,
-        parts: &'a Parts,
-        scoped: bool,
-    ) -> Option<http::header::GetAll<'a, http::HeaderValue>> {
-        if scoped || !self.bind_credentials || !parts.headers.contains_key(AUTHORIZATION) {
-            return None;
-        }
-        if !self.warned_unscoped.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                "idempotency: covered requests carry credentials (Authorization) and no scope is set; \
-                 each record is bound to the exact credential, so a caller with another credential \
-                 gets 422, and so does the same caller after its token is refreshed. \
-                 Scope keys by principal with IdempotencyLayer::with_principal_scope"
-            );
-        }
-        Some(parts.headers.get_all(AUTHORIZATION))
-    }
-}
+use crate::store::Store;
 
 /// Applies [`Idempotency`] to a service: requests with an
 /// `Idempotency-Key` run once, and every retry gets the recorded response.
@@ -171,7 +38,7 @@ impl Config {
 /// | [`with_fingerprint`](Self::with_fingerprint) | method, path and query, body |
 /// | [`with_in_flight`](Self::with_in_flight) | [`InFlightPolicy::Reject`] (409) |
 /// | [`with_store_error_policy`](Self::with_store_error_policy) | [`StoreErrorPolicy::FailClosed`] (503) |
-/// | [`with_record_if`](Self::with_record_if) | [`default_record_if`] |
+/// | [`with_record_if`](Self::with_record_if) | [`default_record_if`](crate::default_record_if) |
 /// | [`with_replayed_header`](Self::with_replayed_header) | `Idempotent-Replayed: true` |
 /// | [`with_store_timeout`](Self::with_store_timeout) | 2 seconds per store call |
 /// | [`with_write_retries`](Self::with_write_retries) | 8 background retries of a failed record write or release |
@@ -617,9 +484,9 @@ impl<M> IdempotencyLayer<M> {
     }
 
     /// Which responses are recorded, by status (default
-    /// [`default_record_if`]). A response that is not recorded releases the
+    /// [`default_record_if`](crate::default_record_if)). A response that is not recorded releases the
     /// key, so the client may retry. A handler overrides this for one
-    /// response with [`Retention`].
+    /// response with [`Retention`](crate::Retention).
     ///
     /// ```
     /// use axum::{Router, body::Body, http::{Request, StatusCode}, routing::post};
@@ -773,22 +640,6 @@ impl<S, M> Layer<S> for IdempotencyLayer<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn default_policy_matches_the_design() {
-        for code in [200, 201, 204, 301, 302, 400, 404, 409, 422] {
-            assert!(
-                default_record_if(StatusCode::from_u16(code).unwrap()),
-                "{code}"
-            );
-        }
-        for code in [100, 401, 403, 408, 425, 429, 500, 502, 503, 504] {
-            assert!(
-                !default_record_if(StatusCode::from_u16(code).unwrap()),
-                "{code}"
-            );
-        }
-    }
 
     #[test]
     fn scope_separates_store_keys() {

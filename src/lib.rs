@@ -259,6 +259,7 @@ mod body;
 #[cfg(feature = "client")]
 #[cfg_attr(docsrs, doc(cfg(feature = "client")))]
 pub mod client;
+mod config;
 mod engine;
 pub mod fingerprint;
 mod future;
@@ -304,8 +305,9 @@ pub struct ReadmeDoctests;
 // The layer, its service and what configures them sit at the root, with the
 // default store; every other item has one path, in its module.
 pub use body::{BodyMode, KeepBody, RequestBody, ResponseBody, WrapBody};
+pub use config::{Retention, default_record_if};
 pub use engine::{InFlightPolicy, StoreErrorPolicy};
 pub use future::ResponseFuture;
-pub use layer::{IdempotencyLayer, Retention, default_record_if};
+pub use layer::IdempotencyLayer;
 pub use service::Idempotency;
 pub use store::memory::{MemoryStore, MemoryStoreBuilder};

@@ -13,11 +13,11 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use crate::body::{BodyMode, Collected, ResponseBody, WrapBody, collect};
+use crate::config::{Config, Retention};
 use crate::engine::{Acquired, Completion, Engine, Executed};
 use crate::fingerprint::Fingerprint;
 use crate::future::{Detached, ResponseFuture};
 use crate::key::{IdempotencyKey, KeyError, key_from_headers};
-use crate::layer::{Config, Retention};
 use crate::observe::{Outcome, mark};
 use crate::problem::{ProblemDocs, Rejection};
 use crate::record::{Record, RecordKind};
