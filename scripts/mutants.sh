@@ -35,7 +35,7 @@ export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 
 # The test binaries that exercise the engine, the HTTP face and the memory
 # store, plus the Redis and PostgreSQL store suites (real servers).
-tests="${MUTANTS_TESTS:---lib --test layer --test faults --test body_mode --test properties --test security --test principals --test tcp --test message --test redis --test postgres}"
+tests="${MUTANTS_TESTS:---lib --test layer --test faults --test body_mode --test properties --test security --test principals --test tcp --test message --test observe --test redis --test postgres}"
 
 # shellcheck disable=SC2086 # $tests is a list of cargo test arguments.
 exec cargo mutants "${filters[@]}" \

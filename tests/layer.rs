@@ -396,6 +396,37 @@ async fn wait_policy_replays_when_the_first_finishes() {
     first.await.unwrap();
 }
 
+/// On a paused clock the wait ends exactly at its bound: the duplicate
+/// gets its 409 then, after one wait, and does not ask the store again.
+#[tokio::test(start_paused = true)]
+async fn wait_policy_answers_409_exactly_at_the_bound() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let (app, counter) = app_with(
+        IdempotencyLayer::from_arc(store.clone())
+            .with_in_flight(InFlightPolicy::Wait(Duration::from_millis(50))),
+    );
+    let slow = |app: Router| async move {
+        send(
+            &app,
+            post_req(Some("k"))
+                .header("x-delay-ms", "1000")
+                .body(Body::from("a"))
+                .unwrap(),
+        )
+        .await
+    };
+    let first = tokio::spawn(slow(app.clone()));
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let started = tokio::time::Instant::now();
+    assert_eq!(slow(app.clone()).await.0, StatusCode::CONFLICT);
+    assert_eq!(started.elapsed(), Duration::from_millis(50));
+    // The first request's begin, and the duplicate's two: before and after
+    // its one wait.
+    assert_eq!(store.calls(Op::Begin), 3);
+    assert_eq!(first.await.unwrap().0, StatusCode::CREATED);
+    assert_eq!(counter.get(), 1);
+}
+
 #[tokio::test]
 async fn hundred_concurrent_duplicates_run_once() {
     let (app, counter) = app();

@@ -275,6 +275,38 @@ async fn the_heartbeat_extends_the_lease_and_calls_the_hook() {
     );
 }
 
+/// A heartbeat hook that never finishes (a broker that stopped answering)
+/// is given a third of the lease, then the heartbeat goes on: the lease is
+/// still extended on time and a duplicate still finds the key held.
+#[tokio::test(start_paused = true)]
+async fn a_hook_that_hangs_does_not_stall_the_heartbeat() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let consumer =
+        IdempotentConsumer::from_arc(store.clone()).with_lease(Duration::from_millis(90));
+    let message = key("m1", "{}").with_heartbeat(std::future::pending::<()>);
+    let slow = tokio::spawn({
+        let consumer = consumer.clone();
+        async move {
+            consumer
+                .process(message, |_| async {
+                    tokio::time::sleep(Duration::from_millis(600)).await;
+                    Ok::<_, Infallible>(())
+                })
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let dup = consumer
+        .process(key("m1", "{}"), |_| async { Ok::<_, Infallible>(()) })
+        .await
+        .unwrap();
+    assert!(matches!(dup, Processed::InFlight), "{dup:?}");
+    assert!(matches!(slow.await.unwrap().unwrap(), Processed::Ran(())));
+    // A beat every 30 ms, each waiting 30 ms on the hook: one per 60 ms.
+    let extends = store.calls(Op::Extend);
+    assert!(extends >= 7, "{extends} extensions in 600 ms");
+}
+
 /// A handler whose lease lapsed (the store refused every extension) and
 /// was taken over learns that it was fenced out: its output is not
 /// recorded, and it must not ack.
