@@ -203,3 +203,43 @@ async fn memory_store_stays_bounded_under_a_million_keys() {
         );
     }
 }
+
+/// A record write that fails is retried in the background after 50, 100,
+/// 200 ms and so on, each wait at most a quarter of the lease (here 250
+/// ms): the store gets room to recover, and the key is recorded well
+/// before its lease would let a retry run again.
+#[tokio::test(start_paused = true)]
+async fn failed_record_writes_back_off_exponentially_within_the_lease() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    store.inject(Op::Complete, Fault::Fail, 4);
+    let counter = Counter::default();
+    let app = router(counter.clone())
+        .layer(IdempotencyLayer::from_arc(store.clone()).with_lease(Duration::from_secs(1)));
+    let (status, _, _) = call_post(&app, Some("k"), "{}").await;
+    assert_eq!(status, StatusCode::CREATED);
+    let answered = tokio::time::Instant::now();
+    // The first write failed as the response went out; then the retries.
+    let mut seen = Vec::new();
+    for at in [49, 51, 149, 151, 349, 351, 599, 601] {
+        tokio::time::sleep_until(answered + Duration::from_millis(at)).await;
+        seen.push((at, store.calls(Op::Complete)));
+    }
+    assert_eq!(
+        seen,
+        [
+            (49, 1),
+            (51, 2),
+            (149, 2),
+            (151, 3),
+            (349, 3),
+            (351, 4),
+            (599, 4),
+            (601, 5)
+        ],
+        "(ms after the response, record writes so far)"
+    );
+    let (status, headers, _) = call_post(&app, Some("k"), "{}").await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(headers["idempotent-replayed"], "true");
+    assert_eq!(counter.get(), 1);
+}

@@ -1121,6 +1121,30 @@ async fn transactional_store_hooks() {
     assert_eq!(status, StatusCode::CREATED);
 }
 
+/// A transactional store whose lock lapsed while the handler ran (every
+/// heartbeat failed) refuses the record: its transaction, the handler's
+/// writes with it, is gone, so the client gets 503, never the 201 of
+/// writes that did not happen.
+#[tokio::test(start_paused = true)]
+async fn transactional_store_that_lost_its_lock_answers_503() {
+    let store = Arc::new(Transactional(FaultyStore::new(MemoryStore::new())));
+    async fn slow() -> (StatusCode, &'static str) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        (StatusCode::CREATED, "written in the transaction")
+    }
+    let app = Router::new()
+        .route("/orders", post(slow))
+        .layer(IdempotencyLayer::from_arc(store.clone()).with_lease(Duration::from_millis(300)));
+    store.0.inject(Op::Extend, Fault::Fail, 100);
+    let (status, headers, body) = call_post(&app, Some("k"), "{}").await;
+    assert_eq!(store.0.calls(Op::Complete), 1);
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        problem_type(&problem(status, &headers, &body)),
+        "store-unavailable"
+    );
+}
+
 #[tokio::test]
 async fn failed_release_is_retried_so_the_key_frees() {
     let store = Arc::new(FaultyStore::new(MemoryStore::new()));

@@ -349,6 +349,9 @@ async fn a_handler_fenced_out_is_told_its_lease_was_lost() {
     let fenced = slow.await.unwrap().unwrap();
     assert!(matches!(fenced, Processed::LeaseLost(1)), "{fenced:?}");
     assert_eq!(fenced.disposition(), Disposition::Retry);
+    // The heartbeat already learned the lease was lost: the fenced-out
+    // output is never offered to the store, only the takeover's is.
+    assert_eq!(store.calls(Op::Complete), 1);
     // The record is the one that held the lock.
     let replay = consumer
         .process(key("m1", "{}"), |_| async { Ok::<_, Infallible>(0u32) })
