@@ -383,6 +383,12 @@ restart_node() {
         echo "redis-cluster: port $port or $((port + 10000)) is in use by another process; not restarting" >&2
         return 1
     fi
+    # A replica keeps the snapshot of its last full sync in dump.rdb: a node
+    # that loaded it would bring back keys long deleted. It starts empty and
+    # syncs from the node that is primary now; so restart a killed primary
+    # only after its replica has taken over (else it returns as a primary
+    # with nothing in it).
+    rm -f "$(node_dir "$port")/dump.rdb"
     launch_node "$port" || { echo "redis-cluster: redis-server on port $port did not start" >&2; return 1; }
     if ! wait_node "$port" 10; then
         echo "redis-cluster: the node on port $port did not answer within 10 s; its log:" >&2

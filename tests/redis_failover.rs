@@ -124,8 +124,7 @@ async fn request(app: &Router, key: &str) -> (Kind, Duration) {
             Kind::Conflict
         }
         StatusCode::SERVICE_UNAVAILABLE => {
-            let v = problem(status, &headers, &body);
-            if key.starts_with("after") { eprintln!("DEBUG 503 {key} {latency:?} {}", v["detail"]); }
+            problem(status, &headers, &body);
             assert!(headers.contains_key("retry-after"), "{key}: no Retry-After");
             Kind::Unavailable
         }
@@ -139,8 +138,7 @@ async fn request(app: &Router, key: &str) -> (Kind, Duration) {
 async fn settle(app: &Router, key: &str, within: Duration) -> Kind {
     let deadline = Instant::now() + within;
     loop {
-        let (kind, lat) = request(app, key).await;
-        eprintln!("DEBUG settle {key} {kind:?} {lat:?}");
+        let (kind, _) = request(app, key).await;
         if matches!(kind, Kind::First | Kind::Replay) {
             return kind;
         }
@@ -293,14 +291,24 @@ fn wait_healthy(within: Duration) -> Result<(), String> {
     }
 }
 
-/// Starts the killed node on `port` again and waits until it replicates
-/// its new primary (`role:slave`, `master_link_status:up`) and the whole
-/// cluster is healthy.
-fn restore(port: u16) -> Result<Duration, String> {
+/// Starts the killed node on `port` again, once its replica (`replica`)
+/// has taken over, and waits until the node replicates its new primary
+/// (`role:slave`, `master_link_status:up`) and the whole cluster is
+/// healthy. A node restarted before the takeover would come back as the
+/// primary of its slots with whatever its last `dump.rdb` held (a stale
+/// snapshot from a full sync, or nothing), losing writes.
+fn restore(port: u16, replica: &str) -> Result<Duration, String> {
     let start = Instant::now();
+    let deadline = start + Duration::from_secs(20);
+    while role(replica).as_deref() != Some("master") {
+        if Instant::now() >= deadline {
+            return Err(format!("{replica} not promoted within 20 s"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     script_ok(&["restart-node", &port.to_string()])?;
     let addr = format!("127.0.0.1:{port}");
-    let deadline = start + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let mut cmd = driver::cmd("INFO");
         cmd.arg("replication");
@@ -312,7 +320,7 @@ fn restore(port: u16) -> Result<Duration, String> {
         }
         if Instant::now() >= deadline {
             return Err(format!(
-                "node {port} not a healthy replica within 20 s: {}",
+                "node {port} not a healthy replica within 20 s of its restart: {}",
                 script_ok(&["status"]).err().unwrap_or_default()
             ));
         }
@@ -360,13 +368,14 @@ fn delete_prefix(addrs: &[String], prefix: &str) -> Result<usize, String> {
 struct Cleanup {
     addrs: Vec<String>,
     prefix: String,
-    killed: Option<u16>,
+    /// The killed node's port and its replica's address.
+    killed: Option<(u16, String)>,
 }
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        if let Some(port) = self.killed.take()
-            && let Err(e) = restore(port)
+        if let Some((port, replica)) = self.killed.take()
+            && let Err(e) = restore(port, &replica)
         {
             eprintln!("[failover] restoring node {port} failed: {e}");
         }
@@ -436,7 +445,6 @@ fn xorshift(state: &mut u64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_under_load_with_and_without_replica_ack() {
-    let _ = tracing_subscriber::fmt().with_env_filter("tower_idempotency=warn").with_writer(std::io::stderr).try_init();
     let Some(urls) = common::cluster_backend() else {
         return;
     };
@@ -462,6 +470,8 @@ async fn failover_under_load_with_and_without_replica_ack() {
     scenario(&urls, &addrs, 0).await;
 }
 
+/// One run: load, kill, recovery, restart, replays, with `ack` replicas
+/// acknowledging each write (`0`: off). Prints its summary line.
 async fn scenario(urls: &[String], addrs: &[String], ack: u32) {
     let prefix = format!("test:failover:{}:", uuid::Uuid::new_v4().simple());
     let mut cleanup = Cleanup {
@@ -469,14 +479,14 @@ async fn scenario(urls: &[String], addrs: &[String], ack: u32) {
         prefix: prefix.clone(),
         killed: None,
     };
-    let addrs_ = addrs.to_vec();
     tokio::task::spawn_blocking(move || wait_healthy(Duration::from_secs(30)))
         .await
         .unwrap()
         .unwrap();
 
     // The victim: the primary on the lowest port, and its replica.
-    let nodes = tokio::task::spawn_blocking(move || cluster_nodes(&addrs_))
+    let seeds = addrs.to_vec();
+    let nodes = tokio::task::spawn_blocking(move || cluster_nodes(&seeds))
         .await
         .unwrap()
         .unwrap();
@@ -528,12 +538,13 @@ async fn scenario(urls: &[String], addrs: &[String], ack: u32) {
             .layer(IdempotencyLayer::new(stores[i].clone()))
     });
 
-    // The load.
+    // The load. Dropping the set (a failed assertion) stops the clients
+    // before `cleanup` restores the node and deletes the keys.
     let start = Instant::now();
-    let mut clients = Vec::new();
+    let mut clients = tokio::task::JoinSet::new();
     for c in 0..CLIENTS {
         let apps = apps.clone();
-        clients.push(tokio::spawn(async move {
+        clients.spawn(async move {
             let mut rng = (c + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
             let mut outcomes = Vec::new();
             let mut n = c;
@@ -553,7 +564,7 @@ async fn scenario(urls: &[String], addrs: &[String], ack: u32) {
                 tokio::time::sleep(PAUSE).await;
             }
             outcomes
-        }));
+        });
     }
 
     tokio::time::sleep_until((start + KILL_AT).into()).await;
@@ -563,7 +574,7 @@ async fn scenario(urls: &[String], addrs: &[String], ack: u32) {
         .await
         .unwrap();
     let kill_at = start.elapsed();
-    cleanup.killed = Some(victim.port);
+    cleanup.killed = Some((victim.port, replica.addr.clone()));
     assert!(killed.success(), "kill -9 {pid} failed");
     let watch = {
         let (replica, survivors) = (replica.addr.clone(), survivors.clone());
@@ -571,8 +582,8 @@ async fn scenario(urls: &[String], addrs: &[String], ack: u32) {
     };
 
     let mut outcomes = Vec::new();
-    for client in clients {
-        outcomes.extend(client.await.unwrap());
+    while let Some(client) = clients.join_next().await {
+        outcomes.extend(client.unwrap());
     }
     let failover = watch.await.unwrap();
     let ok_at = kill_at
@@ -580,32 +591,34 @@ async fn scenario(urls: &[String], addrs: &[String], ack: u32) {
             .ok
             .expect("the cluster did not recover within 20 s");
 
-    // Service comes back without new stores. With acknowledgement, a key
-    // on the promoted primary answers 503 until that primary has a
-    // replica again: the restarted node.
-    let mut fresh = 0;
-    let mut orphans = Vec::new();
-    let mut recovered = Vec::new();
-    while recovered.len() < 12 || (ack > 0 && orphans.len() < 4) {
-        let key = format!("after-{fresh}");
-        let app = &apps[fresh % 2];
-        fresh += 1;
+    // Service comes back without new stores, on both instances.
+    let mut n = 0;
+    let mut recovered = 0;
+    while recovered < 12 {
+        let key = format!("after-{n}");
+        n += 1;
+        // With acknowledgement, the promoted primary has no replica until
+        // the killed node is back: its keys answer 503 (below).
         if ack > 0 && on_victim(&key) {
-            if orphans.len() < 4 {
-                let (kind, lat) = request(app, &key).await;
-                eprintln!("DEBUG orphan {key} {kind:?} {lat:?}");
-                assert_eq!(kind, Kind::Unavailable, "{key}: no replica to acknowledge");
-                orphans.push(key);
-            }
-        } else if recovered.len() < 12 {
-            assert_eq!(settle(app, &key, RECOVERY).await, Kind::First, "{key}");
-            recovered.push(key);
+            continue;
         }
+        assert_eq!(settle(&apps[n % 2], &key, RECOVERY).await, Kind::First);
+        recovered += 1;
     }
     let recovered_at = start.elapsed();
+    let mut orphans = Vec::new();
+    while ack > 0 && orphans.len() < 4 {
+        let key = format!("orphan-{n}");
+        n += 1;
+        if on_victim(&key) {
+            let (kind, _) = request(&apps[n % 2], &key).await;
+            assert_eq!(kind, Kind::Unavailable, "{key}: no replica to acknowledge");
+            orphans.push(key);
+        }
+    }
 
-    let port = victim.port;
-    let restored = tokio::task::spawn_blocking(move || restore(port))
+    let (port, promoted) = (victim.port, replica.addr.clone());
+    let restored = tokio::task::spawn_blocking(move || restore(port, &promoted))
         .await
         .unwrap();
     cleanup.killed = None;
@@ -628,6 +641,27 @@ async fn scenario(urls: &[String], addrs: &[String], ack: u32) {
         }
         assert_eq!(settle(&apps[n % 2], &key, RECOVERY).await, Kind::First);
         n += 1;
+    }
+
+    // The keys that never ran during the load: run now, or 409 while a
+    // lock left behind by an unanswered `begin` lives out its lease.
+    let ran: HashSet<&str> = outcomes
+        .iter()
+        .filter(|o| o.kind == Kind::First)
+        .map(|o| o.key.as_str())
+        .collect();
+    let mut never_ran: Vec<&str> = outcomes
+        .iter()
+        .map(|o| o.key.as_str())
+        .filter(|k| !ran.contains(k))
+        .collect();
+    never_ran.sort_unstable();
+    never_ran.dedup();
+    let mut still_locked = Vec::new();
+    for (i, key) in never_ran.iter().enumerate() {
+        if request(&apps[i % 2], key).await.0 != Kind::First {
+            still_locked.push(*key);
+        }
     }
 
     // Every key that ran during the load replays on both instances; a
@@ -696,7 +730,9 @@ async fn scenario(urls: &[String], addrs: &[String], ack: u32) {
          {} 409s, {} 503s (window {window}; {late_503} sent after cluster_state ok, {late_503_on_victim} of \
          them on the killed primary's slots), longest latency {longest:?}; double executions {} {:?}; \
          pre-kill keys rerun {pre_kill_rerun}/{} ({pre_kill_on_victim} on the killed primary); \
-         service back {:.2} s after the kill, node restored in {:.2} s",
+         never-run keys not runnable after the restore {}/{}; \
+         recovery probes passed {:.2} s after the kill (the load ended {:.2} s after it), \
+         node restored in {:.2} s",
         victim.port,
         kill_at.as_secs_f64(),
         replica.port,
@@ -715,7 +751,10 @@ async fn scenario(urls: &[String], addrs: &[String], ack: u32) {
         doubles.len(),
         doubles,
         pre_kill.len(),
+        still_locked.len(),
+        never_ran.len(),
         (recovered_at - kill_at).as_secs_f64(),
+        (LOAD - kill_at).as_secs_f64(),
         restored.as_secs_f64(),
     );
 

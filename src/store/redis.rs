@@ -143,7 +143,8 @@
 //! reconnects in the background, and calls fail within that bound in the
 //! meantime; no store needs rebuilding once Redis is back. A connection
 //! failure is [`StoreError::Unavailable`] (so are `LOADING`, `MASTERDOWN`,
-//! `READONLY`, `TRYAGAIN` and `CLUSTERDOWN` replies), a value that does not
+//! `READONLY`, `TRYAGAIN`, `CLUSTERDOWN`, and `MOVED` or `ASK` past the
+//! cluster client's retries), a value that does not
 //! decode [`StoreError::Corrupt`], anything else [`StoreError::Backend`]. A
 //! call cut short by the bound may still have been applied by the server: a
 //! `begin` that took the lock then releases it as soon as its answer
@@ -729,6 +730,10 @@ fn classify(err: RedisError) -> StoreError {
                         | ServerErrorKind::ReadOnly
                         | ServerErrorKind::TryAgain
                         | ServerErrorKind::ClusterDown
+                        // Slots moving (a failover, a resharding) past the
+                        // cluster client's retries.
+                        | ServerErrorKind::Moved
+                        | ServerErrorKind::Ask
                 )
         );
     if unavailable {

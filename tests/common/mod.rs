@@ -319,12 +319,14 @@ pub async fn delete_prefix(url: &str, prefix: &str) {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
+    // One DEL per key, pipelined: a cluster node refuses a DEL of keys in
+    // different slots (CROSSSLOT).
     for keys in scan(&mut conn, prefix).await.chunks(1000) {
-        let _: () = driver::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        let mut pipe = driver::pipe();
+        for key in keys {
+            pipe.cmd("DEL").arg(key).ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await.unwrap();
     }
 }
 
