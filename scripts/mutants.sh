@@ -24,7 +24,7 @@ fi
 files=("$@")
 if [ ${#files[@]} -eq 0 ]; then
   files=(src/engine.rs src/service.rs src/layer.rs src/problem.rs src/body.rs
-         src/future.rs src/key.rs src/fingerprint.rs src/record.rs
+         src/future.rs src/key.rs src/fingerprint.rs src/record.rs src/config.rs
          src/store/memory/mod.rs src/store/memory/table.rs)
 fi
 filters=()
