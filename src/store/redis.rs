@@ -152,7 +152,8 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use ::redis::aio::ConnectionManagerConfig;
@@ -183,6 +184,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the cluster client retries a call (a redirection, a
 /// `TRYAGAIN` or `CLUSTERDOWN`, a lost connection) within the bound.
 const CLUSTER_RETRIES: u32 = 3;
+/// The cluster connections [`RedisStore::from_cluster_urls`] opens; see
+/// [`RedisStore::from_cluster_connections`].
+const CLUSTER_CONNECTIONS: usize = 4;
 
 const IN_FLIGHT: u8 = 0x01;
 const COMPLETED: u8 = 0x02;
@@ -249,21 +253,47 @@ pub struct RedisStore {
 #[derive(Clone)]
 enum Conn {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(Arc<ClusterPool>),
+}
+
+/// Cluster connections: the first for plain commands, all in turn for
+/// pipelines that end in `WAIT`. A `WAIT` holds up every command sent
+/// after it on its connection until the replicas answer, so one
+/// multiplexed connection would run the acknowledged writes of the whole
+/// process one replica round trip at a time; a few connections let that
+/// many wait together, and a replica's one answer releases them all.
+struct ClusterPool {
+    conns: Box<[ClusterConnection]>,
+    next: AtomicUsize,
+}
+
+impl ClusterPool {
+    fn next(&self) -> ClusterConnection {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        self.conns[i].clone()
+    }
 }
 
 impl Conn {
+    fn cluster(conns: Vec<ClusterConnection>) -> Self {
+        Self::Cluster(Arc::new(ClusterPool {
+            conns: conns.into_boxed_slice(),
+            next: AtomicUsize::new(0),
+        }))
+    }
+
     async fn query(&self, cmd: &Cmd) -> RedisResult<Value> {
         match self {
             Self::Single(conn) => cmd.query_async(&mut conn.clone()).await,
-            Self::Cluster(conn) => cmd.query_async(&mut conn.clone()).await,
+            // Without `WAIT` one connection pipelines best.
+            Self::Cluster(pool) => cmd.query_async(&mut pool.conns[0].clone()).await,
         }
     }
 
     async fn query_pipe(&self, pipe: &Pipeline) -> RedisResult<Vec<Value>> {
         match self {
             Self::Single(conn) => pipe.query_async(&mut conn.clone()).await,
-            Self::Cluster(conn) => pipe.query_async(&mut conn.clone()).await,
+            Self::Cluster(pool) => pipe.query_async(&mut pool.next()).await,
         }
     }
 }
@@ -310,8 +340,23 @@ impl RedisStore {
     /// surface as [`StoreError::Timeout`] rather than as the
     /// `CLUSTERDOWN` it is.
     pub fn from_cluster(conn: ClusterConnection) -> Self {
+        Self::from_cluster_connections(vec![conn])
+    }
+
+    /// [`from_cluster`](Self::from_cluster) on several connections, used in
+    /// turn. With replica acknowledgement, a `WAIT` holds up everything
+    /// sent after it on its connection until a replica answers: on one
+    /// connection the acknowledged writes of the whole process run one
+    /// replica round trip at a time, on several that many wait together.
+    /// [`from_cluster_urls`](Self::from_cluster_urls) opens four.
+    ///
+    /// # Panics
+    ///
+    /// If `conns` is empty.
+    pub fn from_cluster_connections(conns: Vec<ClusterConnection>) -> Self {
+        assert!(!conns.is_empty(), "a cluster store needs a connection");
         Self {
-            conn: Conn::Cluster(conn),
+            conn: Conn::cluster(conns),
             prefix: DEFAULT_PREFIX.to_owned(),
             timeout: DEFAULT_TIMEOUT,
             replica_ack: 1,
@@ -348,7 +393,9 @@ impl RedisStore {
     /// and loads the store's scripts on every primary.
     ///
     /// Replica acknowledgement is on (one replica; see
-    /// [`with_replica_ack`](Self::with_replica_ack)). The cluster client
+    /// [`with_replica_ack`](Self::with_replica_ack)), over four connections
+    /// ([`from_cluster_connections`](Self::from_cluster_connections) says
+    /// why). The cluster client
     /// follows `MOVED` and `ASK` and refreshes its slot map by itself, and
     /// is configured so that no call outlives the store's default 1 second
     /// bound: a connection or a response may take 1 second, and a call is
@@ -375,8 +422,11 @@ impl RedisStore {
             .build()
             .map_err(classify)?;
         let connect = async {
-            let conn = client.get_async_connection().await.map_err(classify)?;
-            let store = Self::from_cluster(conn);
+            let mut conns = Vec::with_capacity(CLUSTER_CONNECTIONS);
+            for _ in 0..CLUSTER_CONNECTIONS {
+                conns.push(client.get_async_connection().await.map_err(classify)?);
+            }
+            let store = Self::from_cluster_connections(conns);
             store.load_scripts_unbounded().await?;
             Ok(store)
         };
@@ -465,12 +515,12 @@ impl RedisStore {
         }
     }
 
-    /// The cluster connection the store runs on; `None` on a single
-    /// server.
+    /// The (first) cluster connection the store runs on; `None` on a
+    /// single server.
     pub fn cluster_connection(&self) -> Option<&ClusterConnection> {
         match &self.conn {
             Conn::Single(_) => None,
-            Conn::Cluster(conn) => Some(conn),
+            Conn::Cluster(pool) => pool.conns.first(),
         }
     }
 
