@@ -301,8 +301,22 @@ start() {
     urls
 }
 
+# Waits up to $1 tenths of a second until none of stop's nodes (its
+# `pids` and `ports`) runs.
+wait_gone() {
+    local i left
+    for _ in $(seq 1 "$1"); do
+        left=0
+        for i in "${!pids[@]}"; do
+            is_node "${pids[$i]}" "${ports[$i]}" && left=1
+        done
+        [ "$left" -eq 1 ] || return 0
+        sleep 0.1
+    done
+}
+
 stop() {
-    local port pid f pids=() ports=() i left
+    local port pid f pids=() ports=() i
     for port in "${PORTS[@]}"; do
         f="$(pid_file "$port")"
         [ -f "$f" ] || continue
@@ -317,28 +331,14 @@ stop() {
             fi
         fi
     done
-    for _ in $(seq 1 50); do
-        left=0
-        for i in "${!pids[@]}"; do
-            is_node "${pids[$i]}" "${ports[$i]}" && left=1
-        done
-        [ "$left" -eq 1 ] || break
-        sleep 0.1
-    done
+    wait_gone 50
     for i in "${!pids[@]}"; do
         if is_node "${pids[$i]}" "${ports[$i]}"; then
             echo "redis-cluster: the node on port ${ports[$i]} (PID ${pids[$i]}) did not stop within 5 s; killing it" >&2
             kill -KILL "${pids[$i]}" 2>/dev/null || true
         fi
     done
-    for _ in $(seq 1 20); do
-        left=0
-        for i in "${!pids[@]}"; do
-            is_node "${pids[$i]}" "${ports[$i]}" && left=1
-        done
-        [ "$left" -eq 1 ] || break
-        sleep 0.1
-    done
+    wait_gone 20
     for port in "${PORTS[@]}"; do
         rm -f "$(pid_file "$port")"
     done

@@ -190,6 +190,11 @@ async fn counted_store(urls: &[String], prefix: &str) -> (RedisStore, Wire) {
     (store, wire)
 }
 
+fn assert_replayed(status: StatusCode, headers: &axum::http::HeaderMap) {
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(headers["idempotent-replayed"], "true");
+}
+
 /// The store's own commands, not the cluster client's upkeep (slot map
 /// refreshes, pings, the connection handshake).
 fn the_stores(name: &str) -> bool {
@@ -238,10 +243,7 @@ async fn round_trips_per_step() {
         vec![vec!["set", "wait"]],
         call_post(&app, Some("rt-1"), "{}").await
     );
-    assert_eq!(
-        (status, &headers["idempotent-replayed"]),
-        (StatusCode::CREATED, &"true".parse().unwrap())
-    );
+    assert_replayed(status, &headers);
 
     // A response the layer does not record releases the key, unacknowledged:
     // a lost release only delays a retry.
@@ -292,9 +294,6 @@ async fn round_trips_per_step() {
         vec![vec!["set", "wait"]],
         call_post(&app, Some("rt-4"), "{}").await
     );
-    assert_eq!(
-        (status, &headers["idempotent-replayed"]),
-        (StatusCode::CREATED, &"true".parse().unwrap())
-    );
+    assert_replayed(status, &headers);
     assert_eq!(counter.get(), 4);
 }
