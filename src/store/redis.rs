@@ -60,8 +60,9 @@
 //! - `complete`, `release` and `extend` are one `EVALSHA` each, of a short
 //!   Lua script that compares the stored state and lock token (fencing)
 //!   before it writes (`SET … PX`), deletes, or moves the expiry (`PEXPIRE`).
-//!   A script missing from the server (after a restart or `SCRIPT FLUSH`) is
-//!   loaded again and the call repeated, transparently.
+//!   A script missing from the server (after a restart, a failover or
+//!   `SCRIPT FLUSH`) is sent once more with `EVAL` and its source, which
+//!   caches it again, transparently.
 //!
 //! A request that runs its handler costs two commands (`SET`, then
 //! `EVALSHA` to record or release), plus one `EVALSHA` per heartbeat while
