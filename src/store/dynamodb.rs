@@ -877,12 +877,20 @@ impl Store for DynamoDbStore {
                 Err(_) if unknown => {}
                 Err(_) => return,
             }
-            if unknown {
-                // A write still on its way would land after an immediate
-                // release: give it the time of one more call first.
-                tokio::time::sleep(store.timeout).await;
+            if !unknown {
+                release_unanswered(&store, &key, &token).await;
+                return;
             }
-            release_unanswered(&store, &key, &token).await;
+            // A write still on its way lands whenever the server gets to
+            // it: a release that finds nothing proves nothing yet. Look
+            // again after one, two, four and eight times the bound (a
+            // fenced release can only free this attempt's own lock).
+            for n in [1, 2, 4, 8] {
+                tokio::time::sleep(store.timeout * n).await;
+                if release_unanswered(&store, &key, &token).await {
+                    return;
+                }
+            }
         });
         match tokio::time::timeout(self.timeout, &mut rx).await {
             Ok(Ok(answer)) => answer,
@@ -893,7 +901,9 @@ impl Store for DynamoDbStore {
                 rx.close();
                 if let Ok(Ok(Begin::Acquired(_))) = rx.try_recv() {
                     let store = self.clone();
-                    tokio::spawn(async move { release_unanswered(&store, &key, &token).await });
+                    tokio::spawn(async move {
+                        release_unanswered(&store, &key, &token).await;
+                    });
                 }
                 Err(StoreError::Timeout(self.timeout))
             }

@@ -70,12 +70,15 @@ impl<S: Store + Clone> Drop for Unsettled<S> {
             return;
         };
         let (key, token) = (self.key, self.token);
-        handle.spawn(async move { release_unanswered(&store, &key, &token).await });
+        handle.spawn(async move {
+            release_unanswered(&store, &key, &token).await;
+        });
     }
 }
 
 /// Releases the lock `token` may hold on `key` although its `begin` went
-/// unanswered, retrying a store failure a few times with backoff.
+/// unanswered, retrying a store failure a few times with backoff. Returns
+/// whether a lock was released.
 #[cfg(any(
     feature = "redis",
     feature = "postgres",
@@ -87,7 +90,7 @@ pub(crate) async fn release_unanswered<S: Store + ?Sized>(
     store: &S,
     key: &StoreKey,
     token: &LockToken,
-) {
+) -> bool {
     let first = store.release(key, token).await;
     let released = match first {
         Ok(released) => Some(released),
@@ -104,11 +107,13 @@ pub(crate) async fn release_unanswered<S: Store + ?Sized>(
     };
     match released {
         Some(true) => {
-            tracing::info!(key = %key, "released a lock whose begin went unanswered")
+            tracing::info!(key = %key, "released a lock whose begin went unanswered");
+            true
         }
-        Some(false) => {}
+        Some(false) => false,
         None => {
-            tracing::warn!(key = %key, "could not release a lock whose begin went unanswered; it expires with its lease")
+            tracing::warn!(key = %key, "could not release a lock whose begin went unanswered; it expires with its lease");
+            false
         }
     }
 }

@@ -207,7 +207,9 @@ where
                 && acquired(&answer)
             {
                 let store = store.clone();
-                tokio::spawn(async move { release_unanswered(&store, &key, &token).await });
+                tokio::spawn(async move {
+                    release_unanswered(&store, &key, &token).await;
+                });
             }
             Err(StoreError::Timeout(limit))
         }
