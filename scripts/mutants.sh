@@ -35,11 +35,11 @@ export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 
 # The test binaries that exercise the engine, the HTTP face and the memory
 # store, plus the Redis and PostgreSQL store suites (real servers).
-tests="${MUTANTS_TESTS:---lib --test layer --test faults --test body_mode --test properties --test security --test principals --test tcp --test message --test observe --test redis --test postgres}"
+tests="${MUTANTS_TESTS:---lib --test layer --test faults --test body_mode --test properties --test security --test principals --test tcp --test message --test observe --test principal_warning --test redis --test postgres}"
 
 # shellcheck disable=SC2086 # $tests is a list of cargo test arguments.
 exec cargo mutants "${filters[@]}" \
-  --features "${MUTANTS_FEATURES:-test-util,axum,json,metrics,redis,postgres}" \
+  --features "${MUTANTS_FEATURES:-test-util,axum,json,metrics,utoipa,redis,postgres}" \
   --profile mutants \
   --timeout "${MUTANTS_TIMEOUT:-180}" --build-timeout 900 --jobs "${MUTANTS_JOBS:-2}" \
   --output target/mutants \

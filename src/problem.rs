@@ -350,6 +350,12 @@ mod tests {
                 retry_after: Duration::from_secs(2),
             },
         ];
+        // Each type has a title of its own, and each occurrence here a
+        // detail of its own: a client can tell them apart without the URI.
+        let titles: std::collections::HashSet<_> = all.iter().map(Rejection::title).collect();
+        let details: std::collections::HashSet<_> = all.iter().map(Rejection::detail).collect();
+        assert_eq!((titles.len(), details.len()), (all.len(), all.len()));
+        assert!(titles.iter().all(|t| t.len() > 10), "{titles:?}");
         for r in all {
             let res = r.to_response();
             assert_eq!(res.status(), r.status());
@@ -361,6 +367,14 @@ mod tests {
             assert_eq!(v["status"], r.status().as_u16());
             assert!(v["type"].as_str().unwrap().starts_with(TYPE_BASE));
             assert_eq!(v["title"], r.title());
+            assert_eq!(r.to_string(), r.title());
+            // Plain text goes out as itself: only quotes, backslashes and
+            // control characters are escaped.
+            let raw = std::str::from_utf8(res.body()).unwrap();
+            assert!(
+                raw.contains(&format!("\"title\":\"{}\"", r.title())),
+                "{raw}"
+            );
             assert!(!v["detail"].as_str().unwrap().is_empty());
             assert_eq!(res.extensions().get::<Rejection>(), Some(&r));
             let retryable = matches!(r.status().as_u16(), 409 | 503);
@@ -390,8 +404,21 @@ mod tests {
         let a = Rejection::KeyMissing.to_response();
         let b = Rejection::KeyMissing.to_response();
         assert_ne!(a.body(), b.body());
-        // `to_json` stays without an instance.
-        assert!(!Rejection::KeyMissing.to_json().contains("instance"));
+        // `to_json` is the same document without an instance.
+        let json: serde_json::Value =
+            serde_json::from_str(&Rejection::KeyMissing.to_json()).unwrap();
+        let mut sent: serde_json::Value = serde_json::from_slice(a.body()).unwrap();
+        sent.as_object_mut().unwrap().remove("instance");
+        assert_eq!(json, sent);
+    }
+
+    #[test]
+    fn json_strings_escape_quotes_backslashes_and_control_characters_only() {
+        let mut out = String::new();
+        push_json_str(&mut out, "a\u{1}\u{1f} \"\\é\u{1F600}");
+        assert_eq!(out, "\"a\\u0001\\u001f \\\"\\\\é\u{1F600}\"");
+        let back: String = serde_json::from_str(&out).unwrap();
+        assert_eq!(back, "a\u{1}\u{1f} \"\\é\u{1F600}");
     }
 
     #[test]

@@ -1461,3 +1461,22 @@ async fn json_fingerprints_through_a_router() {
             .is_err()
     );
 }
+
+/// A response future says which path its request took: passed through (not
+/// covered), answered at once (a rejection), or covered.
+#[tokio::test]
+async fn response_futures_say_which_path_they_take() {
+    use tower::Service;
+    let inner = tower::service_fn(|_req: Request<Body>| async {
+        Ok::<_, Infallible>(axum::response::Response::new(Body::empty()))
+    });
+    let mut svc = tower_idempotency::Idempotency::new(inner, MemoryStore::new());
+    std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+    let get = svc.call(req("GET", None).body(Body::empty()).unwrap());
+    assert_eq!(format!("{get:?}"), "ResponseFuture(\"Passthrough\")");
+    let malformed = svc.call(req("POST", Some("\"")).body(Body::empty()).unwrap());
+    assert_eq!(format!("{malformed:?}"), "ResponseFuture(\"Ready\")");
+    let covered = svc.call(req("POST", Some("\"k\"")).body(Body::empty()).unwrap());
+    assert_eq!(format!("{covered:?}"), "ResponseFuture(\"Covered\")");
+    assert_eq!(covered.await.unwrap().status(), StatusCode::OK);
+}
