@@ -57,6 +57,18 @@ impl Drop for Cleanup {
     }
 }
 
+/// The cluster's node URLs and a fresh prefix, whose keys the guard
+/// deletes on every primary when the test ends.
+fn cluster_with_prefix() -> Option<(Vec<String>, String, Cleanup)> {
+    let urls = common::cluster_backend()?;
+    let prefix = unique_prefix();
+    let cleanup = Cleanup {
+        urls: urls.clone(),
+        prefix: prefix.clone(),
+    };
+    Some((urls, prefix, cleanup))
+}
+
 async fn store_on(urls: &[String], prefix: &str) -> RedisStore {
     RedisStore::from_cluster_urls(urls)
         .await
@@ -97,13 +109,8 @@ async fn a_cluster_store_acknowledges_by_default() {
 /// each replays from there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_spread_over_every_primary() {
-    let Some(urls) = common::cluster_backend() else {
+    let Some((urls, prefix, _cleanup)) = cluster_with_prefix() else {
         return;
-    };
-    let prefix = unique_prefix();
-    let _cleanup = Cleanup {
-        urls: urls.clone(),
-        prefix: prefix.clone(),
     };
     let store = store_on(&urls, &prefix).await;
     let mut written = Vec::new();
@@ -143,13 +150,8 @@ async fn keys_spread_over_every_primary() {
 /// concurrent requests with one key: one execution.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_duplicates_on_two_instances() {
-    let Some(urls) = common::cluster_backend() else {
+    let Some((urls, prefix, _cleanup)) = cluster_with_prefix() else {
         return;
-    };
-    let prefix = unique_prefix();
-    let _cleanup = Cleanup {
-        urls: urls.clone(),
-        prefix: prefix.clone(),
     };
     let counter = Counter::default();
     let app =
@@ -206,13 +208,8 @@ fn the_stores(name: &str) -> bool {
 /// node costs one more, with `EVAL`, after which the node has it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trips_per_step() {
-    let Some(urls) = common::cluster_backend() else {
+    let Some((urls, prefix, _cleanup)) = cluster_with_prefix() else {
         return;
-    };
-    let prefix = unique_prefix();
-    let _cleanup = Cleanup {
-        urls: urls.clone(),
-        prefix: prefix.clone(),
     };
     let (store, wire) = counted_store(&urls, &prefix).await;
     let unacked = store.clone().with_replica_ack(0);

@@ -604,13 +604,13 @@ impl RedisStore {
     /// need replica acknowledgement (`ack`): one round trip either way.
     /// Returns the command's reply, and whether enough replicas
     /// acknowledged it (always `true` without `WAIT`).
-    async fn send(&self, cmd: &Cmd, ack: bool) -> RedisResult<(Value, bool)> {
+    async fn send(&self, cmd: Cmd, ack: bool) -> RedisResult<(Value, bool)> {
         if !ack || self.replica_ack == 0 {
-            return Ok((self.conn.query(cmd).await?, true));
+            return Ok((self.conn.query(&cmd).await?, true));
         }
         let wait_ms = crate::util::millis(self.timeout / 2).max(1);
         let mut pipe = ::redis::pipe();
-        pipe.add_command(cmd.clone())
+        pipe.add_command(cmd)
             .cmd("WAIT")
             .arg(self.replica_ack)
             .arg(wait_ms);
@@ -654,9 +654,9 @@ impl RedisStore {
             cmd
         };
         self.bounded(async {
-            let (reply, acked) = match self.send(&call(true), ack).await {
+            let (reply, acked) = match self.send(call(true), ack).await {
                 Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                    self.send(&call(false), ack).await
+                    self.send(call(false), ack).await
                 }
                 other => other,
             }
@@ -815,7 +815,7 @@ impl Store for RedisStore {
         // under `token`: release it in the background.
         let unsettled = Unsettled::new(self, key, token);
         let (reply, acked) = self
-            .bounded(async { self.send(&cmd, true).await.map_err(map_set_err) })
+            .bounded(async { self.send(cmd, true).await.map_err(map_set_err) })
             .await?;
         let begin = match reply {
             Value::Nil => Begin::Acquired(token),
