@@ -17,6 +17,9 @@
 #   CONNECTIONS [64]  DURATION [10] s  WARMUP [2] s  BODY_BYTES [1024]
 #   LOADGEN_THREADS [1]  SERVER_THREADS [0 = one per core]  PORT [39180]
 #   PRELOAD [1000000] (--million)  RESULTS_DIR [a new temporary directory]
+#   GENERATORS ["loadgen wrk"]: the load generators, each row measured by
+#   each (wrk from the system's packages, installed with apt-get if
+#   missing; it has no storm scenario)  WRK_THREADS [2]
 #   REDIS_URL, DATABASE_URL, MYSQL_URL: the redis, postgres and mysql rows
 #   run only when set; REDIS_CLUSTER_URLS (comma-separated nodes): the
 #   redis-cluster rows, with and without replica acknowledgement (PG_POOL [16]: the server's SQL pool size). The sqlite
@@ -38,9 +41,11 @@ LOADGEN_THREADS="${LOADGEN_THREADS:-1}"
 SERVER_THREADS="${SERVER_THREADS:-0}"
 PORT="${PORT:-39180}"
 PRELOAD="${PRELOAD:-1000000}"
+GENERATORS="${GENERATORS:-loadgen wrk}"
+WRK_THREADS="${WRK_THREADS:-2}"
 
 million=0
-stores="redis redis-cluster redis-cluster-noack postgres mysql sqlite dynamodb"
+stores="redis redis-cluster redis-cluster-noack postgres postgres-async mysql sqlite dynamodb"
 only=0
 while [ $# -gt 0 ]; do
   arg="$1"
@@ -72,6 +77,12 @@ if [ "$million" = 0 ]; then
   features+=(sqlite)
 fi
 feature_list="$(IFS=,; echo "${features[*]:-}")"
+
+if [[ " $GENERATORS " == *" wrk "* ]] && ! command -v wrk >/dev/null; then
+  echo "==> installing wrk (apt-get install wrk)" >&2
+  { apt-get install -y wrk >&2 || { apt-get update >&2 && apt-get install -y wrk >&2; }; } ||
+    { echo "wrk is not installed and could not be: GENERATORS=loadgen to go without" >&2; exit 1; }
+fi
 
 echo "==> cargo build --release -p tower-idempotency-perf --features '$feature_list'" >&2
 cargo build --release -p tower-idempotency-perf --features "$feature_list" >&2
@@ -118,48 +129,140 @@ start_server() {
 }
 
 raw=()
-bare_rps=()
-bare_p99=()
 
 field() { sed -E "s/.*\"$1\":([0-9.]+).*/\1/" <<<"$2"; }
 
-# measure LABEL KEYS [loadgen flags...]: one loadgen run, one table row.
-measure() {
+# The server's CPU time so far (user + system), in clock ticks.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$server_pid/stat"; }
+ticks_per_s="$(getconf CLK_TCK)"
+
+# The server's CPU µs per request between two cpu_ticks readings.
+cpu_per_request() {
+  awk -v a="$1" -v b="$2" -v n="$3" -v hz="$ticks_per_s" \
+    'BEGIN { printf "%.1f", (n > 0 ? (b - a) * 1e6 / hz / n : 0) }'
+}
+
+# measure_loadgen LABEL KEYS [loadgen flags...]: one loadgen run, one row.
+measure_loadgen() {
   local label="$1" keys="$2"
   shift 2
   echo "==> $label: loadgen --keys $keys $*" >&2
-  local out
-  out="$("$bin/loadgen" --url "http://127.0.0.1:$PORT/orders" \
+  local out_file="$RESULTS_DIR/loadgen.out"
+  "$bin/loadgen" --url "http://127.0.0.1:$PORT/orders" \
     --connections "$CONNECTIONS" --duration "$DURATION" --warmup "$WARMUP" \
-    --body-bytes "$BODY_BYTES" --threads "$LOADGEN_THREADS" --keys "$keys" "$@")"
+    --body-bytes "$BODY_BYTES" --threads "$LOADGEN_THREADS" --keys "$keys" "$@" >"$out_file" &
+  local gen=$!
+  # The server's CPU over the measured part only: from the end of the
+  # warm-up to the end of the run.
+  sleep "$WARMUP"
+  local t0 t1
+  t0="$(cpu_ticks)"
+  wait "$gen"
+  t1="$(cpu_ticks)"
+  local out json
+  out="$(cat "$out_file")"
   echo "$out" | tail -n 1 | sed 's/^/    /' >&2
-  local json
   json="$(echo "$out" | head -n 1)"
-  echo "{\"label\":\"$label\",\"result\":$json}" >>"$RESULTS_DIR/results.jsonl"
-  local rps p50 p99 statuses errors
+  echo "{\"label\":\"$label\",\"generator\":\"loadgen\",\"result\":$json}" >>"$RESULTS_DIR/results.jsonl"
+  local rps p50 p99 statuses errors n
   rps="$(field rps "$json")"
   p50="$(field p50 "$json")"
   p99="$(field p99 "$json")"
   errors="$(field errors "$json")"
   statuses="$(sed -E 's/.*"status":\{([^}]*)\}.*/\1/; s/"//g; s/,/ /g' <<<"$json")"
-  if [ "$label" = bare ]; then
-    bare_rps+=("$rps")
-    bare_p99+=("$p99")
-  fi
-  raw+=("$label|$keys|$rps|$p50|$p99|$statuses|$errors")
+  n="$(awk -v r="$rps" -v d="$DURATION" 'BEGIN { printf "%d", r * d }')"
+  raw+=("loadgen|$label|$keys|$rps|$p50|$p99|$(cpu_per_request "$t0" "$t1" "$n")|$statuses|$errors")
 }
 
-# The table, every ratio to the mean of the bare runs (one first, one
-# last: the machine's speed drifts during a run).
-table() {
-  local br bp
-  br="$(printf '%s\n' "${bare_rps[@]}" | awk '{ s += $1 } END { print (NR ? s / NR : 0) }')"
-  bp="$(printf '%s\n' "${bare_p99[@]}" | awk '{ s += $1 } END { print (NR ? s / NR : 0) }')"
-  printf '%s\n' "${raw[@]}" | awk -F'|' -v br="$br" -v bp="$bp" '{
-    printf "| %s | %s | %.0f | %.2f | %.2f | %.2f | %.2f | %s%s |\n",
-      $1, $2, $3, $4 / 1000, $5 / 1000, (br > 0 ? $3 / br : 0), (bp > 0 ? $5 / bp : 0),
-      $6, ($7 > 0 ? sprintf(", %d errors", $7) : "")
+# The Lua script that makes wrk send what loadgen sends: the same JSON
+# body, the same key shapes (unique, repeat, preloaded).
+wrk_script="$RESULTS_DIR/orders.lua"
+cat >"$wrk_script" <<'LUA'
+local next_id = 0
+function setup(thread)
+  thread:set("id", next_id)
+  next_id = next_id + 1
+end
+function init(args)
+  mode, run, space = args[1], args[3], tonumber(args[4])
+  local head, tail = '{"item":"book","qty":1,"pad":"', '"}'
+  wrk.method = "POST"
+  wrk.body = head .. string.rep("x", math.max(0, tonumber(args[2]) - #head - #tail)) .. tail
+  wrk.headers["Content-Type"] = "application/json"
+  seq = 0
+  math.randomseed(os.time() + id)
+end
+function request()
+  seq = seq + 1
+  if mode == "unique" then
+    wrk.headers["Idempotency-Key"] = "u-" .. run .. "-" .. id .. "-" .. seq
+  elseif mode == "repeat" then
+    wrk.headers["Idempotency-Key"] = "r-" .. run .. "-" .. id .. "-" .. (seq % 64)
+  elseif mode == "preloaded" then
+    wrk.headers["Idempotency-Key"] = "pre-" .. math.random(0, space - 1)
+  end
+  return wrk.format()
+end
+LUA
+
+# wrk's latency (as in "1.23ms") in µs.
+wrk_us() {
+  awk -v v="$1" 'BEGIN {
+    n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+    printf "%.0f", n * (u == "s" ? 1e6 : u == "ms" ? 1e3 : 1)
   }'
+}
+
+# measure_wrk LABEL KEYS [--key-space N]: a warm-up run, then one wrk run,
+# one row. (wrk has no storm scenario: loadgen only.)
+measure_wrk() {
+  local label="$1" keys="$2" space=1
+  if [ "${3:-}" = --key-space ]; then space="$4"; fi
+  if [ "$keys" = storm ]; then return; fi
+  echo "==> $label: wrk ($keys)" >&2
+  local run
+  run="w$(date +%s%N)"
+  local common=(-t "$WRK_THREADS" -c "$CONNECTIONS" -s "$wrk_script" --latency
+    "http://127.0.0.1:$PORT/orders")
+  wrk -d "${WARMUP}s" "${common[@]}" -- "$keys" "$BODY_BYTES" "$run" "$space" >/dev/null
+  local t0 t1 out
+  t0="$(cpu_ticks)"
+  out="$(wrk -d "${DURATION}s" "${common[@]}" -- "$keys" "$BODY_BYTES" "$run" "$space")"
+  t1="$(cpu_ticks)"
+  echo "$out" >>"$RESULTS_DIR/wrk-$(tr -c 'a-z0-9\n' '-' <<<"$label")-$keys.txt"
+  local rps p50 p99 n non2xx errors
+  rps="$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")"
+  p50="$(wrk_us "$(awk '$1 == "50%" { print $2 }' <<<"$out")")"
+  p99="$(wrk_us "$(awk '$1 == "99%" { print $2 }' <<<"$out")")"
+  n="$(awk '/requests in/ { print $1 }' <<<"$out")"
+  non2xx="$(awk '/Non-2xx or 3xx responses:/ { print $5 }' <<<"$out")"
+  errors="$(awk '/Socket errors:/ { s = 0; for (i = 3; i <= NF; i += 2) s += $(i + 1); print s }' <<<"$out")"
+  echo "    $rps req/s, p50 ${p50} µs, p99 ${p99} µs, ${non2xx:-0} non-2xx" >&2
+  raw+=("wrk|$label|$keys|$rps|$p50|$p99|$(cpu_per_request "$t0" "$t1" "$n")|non-2xx ${non2xx:-0}|${errors:-0}")
+}
+
+# measure LABEL KEYS [loadgen flags...]: a row per generator.
+measure() {
+  local g
+  for g in $GENERATORS; do
+    "measure_$g" "$@"
+  done
+}
+
+# The table, every ratio to the mean of the same generator's bare runs
+# (one first, one last: the machine's speed drifts during a run).
+table() {
+  printf '%s\n' "${raw[@]}" | awk -F'|' '
+    { row[NR] = $0; if ($2 == "bare") { br[$1] += $4; bp[$1] += $6; bn[$1]++ } }
+    END {
+      for (i = 1; i <= NR; i++) {
+        split(row[i], f, "|")
+        g = f[1]; r = bn[g] ? br[g] / bn[g] : 0; p = bn[g] ? bp[g] / bn[g] : 0
+        printf "| %s | %s | %s | %.0f | %.2f | %.2f | %.2f | %.2f | %s | %s%s |\n",
+          f[2], f[3], g, f[4], f[5] / 1000, f[6] / 1000, (r > 0 ? f[4] / r : 0),
+          (p > 0 ? f[6] / p : 0), f[7], f[8], (f[9] > 0 ? sprintf(", %d errors", f[9]) : "")
+      }
+    }'
 }
 
 load_before="$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')"
@@ -202,8 +305,8 @@ else
       echo "==> skipping $backend: REDIS_CLUSTER_URLS is unset" >&2
       continue
     fi
-    if [ "$backend" = postgres ] && [ -z "${DATABASE_URL:-}" ]; then
-      echo "==> skipping postgres: DATABASE_URL is unset" >&2
+    if [ "${backend#postgres}" != "$backend" ] && [ -z "${DATABASE_URL:-}" ]; then
+      echo "==> skipping $backend: DATABASE_URL is unset" >&2
       continue
     fi
     if [ "$backend" = dynamodb ] && [ -z "${AWS_ENDPOINT_URL:-}" ]; then
@@ -235,8 +338,9 @@ echo "$CONNECTIONS connections, ${DURATION} s after ${WARMUP} s warm-up, ${BODY_
   "$(nproc) cores shared by server and load generator (loadgen threads: $LOADGEN_THREADS);" \
   "load average (1, 5, 15 min) $load_before before, $load_after after"
 echo
-echo "Ratios are to the mean of the two bare runs (the first and the last row)."
+echo "Ratios are to the mean of the same generator's two bare runs (the first and the last rows)."
+echo "Server CPU is the server process's user + system time over the measured seconds (/proc/PID/stat), per request."
 echo
-echo "| server | keys | req/s | p50 ms | p99 ms | req/s ÷ bare | p99 ÷ bare | statuses |"
-echo "|---|---|---:|---:|---:|---:|---:|---|"
+echo "| server | keys | generator | req/s | p50 ms | p99 ms | req/s ÷ bare | p99 ÷ bare | server CPU µs/req | statuses |"
+echo "|---|---|---|---:|---:|---:|---:|---:|---:|---|"
 table

@@ -27,6 +27,7 @@ if [ ${#files[@]} -eq 0 ]; then
          src/future.rs src/key.rs src/fingerprint.rs src/record.rs src/config.rs
          src/store/memory/mod.rs src/store/memory/table.rs)
 fi
+mkdir -p target
 filters=()
 for f in "${files[@]}"; do filters+=(--file "$f"); done
 

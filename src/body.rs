@@ -522,6 +522,24 @@ mod tests {
     use crate::test_helpers::Chunked;
     use http_body_util::Full;
 
+    #[test]
+    fn debug_names_the_kind_never_the_contents() {
+        type B = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+        let secret = Bytes::from_static(b"card 4242");
+        let bodies = [
+            (ResponseBody::<B>::full(secret.clone(), None), "Full"),
+            (ResponseBody::stream(B::default()), "Stream"),
+            (
+                ResponseBody::chain(secret.clone(), Box::pin(B::default())),
+                "Chain",
+            ),
+            (ResponseBody::failed(std::io::Error::other("x")), "Failed"),
+        ];
+        for (body, kind) in bodies {
+            assert_eq!(format!("{body:?}"), format!("ResponseBody({kind:?})"));
+        }
+    }
+
     #[tokio::test]
     async fn single_chunk_is_not_copied() {
         let data = Bytes::from_static(b"hello");

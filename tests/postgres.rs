@@ -102,6 +102,20 @@ mod conformance {
     tower_idempotency::store_conformance_tests!(super::store, super::teardown);
 }
 
+/// The same suite with the lock committed asynchronously: the statement
+/// that does it differs.
+async fn async_lock_store() -> Option<(Arc<dyn Store>, PostgresStore)> {
+    let url = database_url()?;
+    let store = store_on(connect(&url).await)
+        .await
+        .with_async_lock_commit(true);
+    Some((Arc::new(store.clone()), store))
+}
+
+mod conformance_async_lock_commit {
+    tower_idempotency::store_conformance_tests!(super::async_lock_store, super::teardown);
+}
+
 async fn drop_table(store: &PostgresStore) {
     sqlx::query(&format!("DROP TABLE IF EXISTS {}", store.qualified_table()))
         .execute(store.pool())
@@ -278,6 +292,51 @@ async fn replays_and_conflicts_write_nothing() {
     .expect("a conflict waited for a row lock");
     assert!(matches!(conflict, Ok(Begin::InFlight { .. })));
     locker.rollback().await.unwrap();
+    drop_table(&store).await;
+}
+
+/// Whether the WAL was flushed past where it ended before a `begin` that
+/// took a lock, read on the connection that ran it, right after it.
+async fn lock_flushed(store: &PostgresStore) -> bool {
+    let lsn = |f: &str| format!("SELECT ({f}() - '0/0'::pg_lsn)::bigint");
+    let before: i64 = sqlx::query_scalar(&lsn("pg_current_wal_insert_lsn"))
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    acquire(store, &random_key()).await;
+    let flushed: i64 = sqlx::query_scalar(&lsn("pg_current_wal_flush_lsn"))
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    flushed > before
+}
+
+/// By default a lock is on disk when `begin` returns, every time. With
+/// `with_async_lock_commit(true)` it is not waited for: at least one of
+/// fifty locks returns before the flush (the WAL writer, or another
+/// session's commit, may flush some of them first).
+#[tokio::test]
+async fn async_lock_commit_does_not_wait_for_the_flush() {
+    let Some(url) = database_url() else { return };
+    // One connection: the reads see the same session's commit.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    let store = store_on(pool).await;
+    assert!(!store.async_lock_commit());
+    for _ in 0..20 {
+        assert!(lock_flushed(&store).await, "a lock was not flushed");
+    }
+    let store = store.with_async_lock_commit(true);
+    let mut unflushed = 0;
+    for _ in 0..50 {
+        if !lock_flushed(&store).await {
+            unflushed += 1;
+        }
+    }
+    assert!(unflushed > 0, "every asynchronous lock waited for a flush");
     drop_table(&store).await;
 }
 

@@ -78,6 +78,42 @@
 //! and removed by [`delete_expired`](PostgresStore::delete_expired), which
 //! [`spawn_sweeper`](PostgresStore::spawn_sweeper) calls periodically.
 //!
+//! # Asynchronous lock commit
+//!
+//! A first execution commits twice, the lock and then the record, and by
+//! default each commit waits for PostgreSQL to flush the WAL to disk. With
+//! [`with_async_lock_commit(true)`](PostgresStore::with_async_lock_commit),
+//! `begin` commits a lock it takes with `synchronous_commit` off for that
+//! statement alone, so only the record's commit waits for a flush (which
+//! also flushes the lock, written before it). What a crash of the database
+//! server does then, moment by moment:
+//!
+//! - **Before the lock's commit**: as without the option; the statement
+//!   fails, the layer answers 503, and nothing ran.
+//! - **After the lock's commit, before its WAL reaches disk** (the WAL
+//!   writer flushes within about three times `wal_writer_delay`, 200 ms by
+//!   default): the lock is lost. The handler may be running or done; its
+//!   record write is refused by the fence (no row holds its token), so the
+//!   client gets the handler's response but nothing is recorded. A retry
+//!   after the restart finds the key free and **runs the handler again**.
+//!   This is the one case the option gives up. Without it, the lock
+//!   survives, the layer retries the record within the lease, and the
+//!   retry gets 409 and then the replay.
+//! - **After the lock's WAL is on disk**: as without the option.
+//! - **After the record's commit**: as without the option; the record,
+//!   and the lock before it, are on disk before the client gets its
+//!   response.
+//!
+//! A crash of the application, a lost connection or a timeout change
+//! nothing: only the database losing WAL it had not flushed does. That
+//! includes a failover: an asynchronous commit does not wait for a
+//! synchronous standby either, so a promoted standby may lack the newest
+//! locks, with the same result as a crash. Turn it on where a first execution's
+//! latency matters more than that window, or where the handler's own effect
+//! is idempotent. [`TransactionalPostgresStore`] commits once per first
+//! execution already (its lock is an advisory lock inside the request's
+//! transaction), so the option does not apply to it.
+//!
 //! # Timeouts and errors
 //!
 //! Every call, acquiring a pooled connection included, is bounded by

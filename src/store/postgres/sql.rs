@@ -35,6 +35,11 @@ pub(super) struct Sql {
     pub(super) create_table: String,
     pub(super) create_index: String,
     pub(super) begin: String,
+    /// `begin`, committing a lock it takes without waiting for the WAL
+    /// flush ([`PostgresStore::with_async_lock_commit`]).
+    ///
+    /// [`PostgresStore::with_async_lock_commit`]: super::PostgresStore::with_async_lock_commit
+    pub(super) begin_async: String,
     pub(super) complete: String,
     pub(super) release: String,
     pub(super) extend: String,
@@ -45,32 +50,13 @@ impl Sql {
     pub(super) fn new(schema: String, table: String) -> Self {
         let t = format!("\"{schema}\".\"{table}\"");
         let index = index_name(&table);
-        // The live row is read first, and the INSERT runs only when there
-        // is none: a replay or a conflict modifies nothing, so it is a
-        // read-only transaction that commits without waiting for the WAL to
-        // be flushed. (An `ON CONFLICT DO UPDATE` that finds a live row locks
-        // it even when its WHERE is false, which makes every replay a write.)
-        let begin = format!(
-            "WITH live AS ( \
-                SELECT fingerprint, state, record FROM {t} \
-                WHERE key = $1 AND expires_at > now() \
-            ), ins AS ( \
-                INSERT INTO {t} AS cur \
-                    (key, fingerprint, state, lock_token, record, created_at, expires_at) \
-                SELECT $1, $2, 0, $3, NULL, now(), now() + make_interval(secs => $4) \
-                WHERE NOT EXISTS (SELECT 1 FROM live) \
-                ON CONFLICT (key) DO UPDATE SET \
-                    fingerprint = EXCLUDED.fingerprint, state = 0, \
-                    lock_token = EXCLUDED.lock_token, record = NULL, \
-                    created_at = EXCLUDED.created_at, expires_at = EXCLUDED.expires_at \
-                WHERE cur.expires_at <= now() \
-                RETURNING 1 \
-            ) \
-            SELECT true AS acquired, NULL::bytea AS fingerprint, \
-                   NULL::smallint AS state, NULL::bytea AS record \
-            FROM ins \
-            UNION ALL \
-            SELECT false, fingerprint, state, record FROM live"
+        let begin = begin_statement(&t, "");
+        // `set_config(…, true)` is `SET LOCAL`: it lasts until the end of
+        // the statement's implicit transaction, whose commit reads it. It
+        // runs only where the statement writes.
+        let begin_async = begin_statement(
+            &t,
+            "AND set_config('synchronous_commit', 'off', true) IS NOT NULL",
         );
         let complete = format!(
             "UPDATE {t} SET state = 1, record = $3, lock_token = NULL, \
@@ -114,12 +100,46 @@ impl Sql {
             create_table,
             create_index,
             begin,
+            begin_async,
             complete,
             release,
             extend,
             delete_expired,
         }
     }
+}
+
+/// The `begin` statement on the table `t`, `extra` added to the condition
+/// under which it inserts.
+///
+/// The live row is read first, and the INSERT runs only when there is
+/// none: a replay or a conflict modifies nothing, so it is a read-only
+/// transaction that commits without waiting for the WAL to be flushed. (An
+/// `ON CONFLICT DO UPDATE` that finds a live row locks it even when its
+/// WHERE is false, which makes every replay a write.)
+fn begin_statement(t: &str, extra: &str) -> String {
+    format!(
+        "WITH live AS ( \
+            SELECT fingerprint, state, record FROM {t} \
+            WHERE key = $1 AND expires_at > now() \
+        ), ins AS ( \
+            INSERT INTO {t} AS cur \
+                (key, fingerprint, state, lock_token, record, created_at, expires_at) \
+            SELECT $1, $2, 0, $3, NULL, now(), now() + make_interval(secs => $4) \
+            WHERE NOT EXISTS (SELECT 1 FROM live) {extra} \
+            ON CONFLICT (key) DO UPDATE SET \
+                fingerprint = EXCLUDED.fingerprint, state = 0, \
+                lock_token = EXCLUDED.lock_token, record = NULL, \
+                created_at = EXCLUDED.created_at, expires_at = EXCLUDED.expires_at \
+            WHERE cur.expires_at <= now() \
+            RETURNING 1 \
+        ) \
+        SELECT true AS acquired, NULL::bytea AS fingerprint, \
+               NULL::smallint AS state, NULL::bytea AS record \
+        FROM ins \
+        UNION ALL \
+        SELECT false, fingerprint, state, record FROM live"
+    )
 }
 
 /// `<table>_expires_at_idx`, or, when that would pass PostgreSQL's 63-byte
