@@ -7,6 +7,7 @@
 #   scripts/mutants.sh                      # the default files below
 #   scripts/mutants.sh src/key.rs src/record.rs
 #   MUTANTS_TIMEOUT=300 scripts/mutants.sh src/engine.rs
+#   scripts/mutants.sh --iterate src/body.rs   # again, only what was missed
 #   MUTANTS_TESTS="--lib --test layer" MUTANTS_FEATURES=test-util,axum \
 #     scripts/mutants.sh src/service.rs
 #
@@ -21,7 +22,16 @@ if ! cargo mutants --version 2>/dev/null | grep -q "$version"; then
   cargo install --locked "cargo-mutants@$version"
 fi
 
-files=("$@")
+# Arguments starting with "-" are cargo-mutants options (--iterate: only
+# the mutants a previous run did not catch); the others are files.
+files=()
+options=()
+for arg in "$@"; do
+  case "$arg" in
+    -*) options+=("$arg") ;;
+    *) files+=("$arg") ;;
+  esac
+done
 if [ ${#files[@]} -eq 0 ]; then
   files=(src/engine.rs src/service.rs src/layer.rs src/problem.rs src/body.rs
          src/future.rs src/key.rs src/fingerprint.rs src/record.rs src/config.rs
@@ -39,7 +49,7 @@ export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 tests="${MUTANTS_TESTS:---lib --test layer --test faults --test body_mode --test properties --test security --test principals --test tcp --test message --test observe --test principal_warning --test redis --test postgres}"
 
 # shellcheck disable=SC2086 # $tests is a list of cargo test arguments.
-exec cargo mutants "${filters[@]}" \
+exec cargo mutants "${filters[@]}" ${options[@]+"${options[@]}"} \
   --features "${MUTANTS_FEATURES:-test-util,axum,json,metrics,utoipa,redis,postgres}" \
   --profile mutants \
   --timeout "${MUTANTS_TIMEOUT:-180}" --build-timeout 900 --jobs "${MUTANTS_JOBS:-2}" \

@@ -522,6 +522,115 @@ mod tests {
     use crate::test_helpers::Chunked;
     use http_body_util::Full;
 
+    /// Drains `body`, checking before every frame that it does not claim
+    /// to have ended, and after the last that it does; returns the frames'
+    /// data and trailers.
+    async fn drain<B>(mut body: B) -> (Vec<u8>, Option<HeaderMap>)
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: fmt::Debug,
+    {
+        use http_body_util::BodyExt;
+        let (mut data, mut trailers) = (Vec::new(), None);
+        loop {
+            let ended = body.is_end_stream();
+            match body.frame().await {
+                Some(frame) => {
+                    assert!(!ended, "claimed to have ended before a frame");
+                    match frame.unwrap().into_data() {
+                        Ok(d) => data.extend_from_slice(&d),
+                        Err(frame) => trailers = frame.into_trailers().ok(),
+                    }
+                }
+                None => break,
+            }
+        }
+        assert!(
+            body.is_end_stream(),
+            "did not claim to have ended after the last frame"
+        );
+        (data, trailers)
+    }
+
+    fn exact(hint: &SizeHint) -> Option<u64> {
+        (hint.upper() == Some(hint.lower())).then_some(hint.lower())
+    }
+
+    #[tokio::test]
+    async fn response_bodies_report_their_end_and_size() {
+        let mut t = HeaderMap::new();
+        t.insert("x-check", http::HeaderValue::from_static("1"));
+        let hello = || Bytes::from_static(b"hello");
+
+        let full = ResponseBody::<Full<Bytes>>::full(hello(), None);
+        assert_eq!(exact(&full.size_hint()), Some(5));
+        assert_eq!(drain(full).await, (b"hello".to_vec(), None));
+
+        let empty = ResponseBody::<Full<Bytes>>::full(Bytes::new(), None);
+        assert!(empty.is_end_stream());
+        assert_eq!(exact(&empty.size_hint()), Some(0));
+
+        // Trailers alone: not ended until they are taken.
+        let trailers_only = ResponseBody::<Full<Bytes>>::full(Bytes::new(), Some(t.clone()));
+        assert!(!trailers_only.is_end_stream());
+        assert_eq!(drain(trailers_only).await, (Vec::new(), Some(t.clone())));
+        let both = ResponseBody::<Full<Bytes>>::full(hello(), Some(t.clone()));
+        assert_eq!(drain(both).await, (b"hello".to_vec(), Some(t)));
+
+        let stream = ResponseBody::stream(Full::new(hello()));
+        assert_eq!(exact(&stream.size_hint()), Some(5));
+        assert_eq!(drain(stream).await.0, b"hello");
+
+        let chain = ResponseBody::chain(
+            Bytes::from_static(b"he"),
+            Box::pin(Full::new(Bytes::from_static(b"llo"))),
+        );
+        assert_eq!(exact(&chain.size_hint()), Some(5));
+        assert_eq!(drain(chain).await.0, b"hello");
+        // The prefix alone, the inner body already ended.
+        let chain =
+            ResponseBody::chain(Bytes::from_static(b"he"), Box::pin(Full::new(Bytes::new())));
+        assert_eq!(drain(chain).await.0, b"he");
+        // An inner body of unknown length: the prefix still counts.
+        let unknown = Chunked::new(&[b"llo"]);
+        let chain = ResponseBody::chain(Bytes::from_static(b"he"), Box::pin(unknown));
+        let hint = chain.size_hint();
+        assert_eq!((hint.lower(), hint.upper()), (2, None));
+    }
+
+    #[tokio::test]
+    async fn a_failed_body_yields_its_error_once_then_ends() {
+        use http_body_util::BodyExt;
+        type B = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+        let mut failed = ResponseBody::<B>::failed(std::io::Error::other("upstream"));
+        assert!(!failed.is_end_stream());
+        assert_eq!(exact(&failed.size_hint()), None);
+        assert!(failed.frame().await.unwrap().is_err());
+        assert!(failed.is_end_stream());
+        assert!(failed.frame().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn request_bodies_report_their_end_and_size() {
+        let buffered = RequestBody::<Full<Bytes>>::from(Bytes::from_static(b"hello"));
+        assert_eq!(exact(&buffered.size_hint()), Some(5));
+        assert_eq!(drain(buffered).await.0, b"hello");
+        let empty = RequestBody::<Full<Bytes>>::from(Bytes::new());
+        assert!(empty.is_end_stream());
+        assert_eq!(exact(&empty.size_hint()), Some(0));
+        let stream = RequestBody::new(Full::new(Bytes::from_static(b"hello")));
+        assert_eq!(exact(&stream.size_hint()), Some(5));
+        assert_eq!(drain(stream).await.0, b"hello");
+        assert_eq!(
+            format!("{:?}", RequestBody::new(Full::new(Bytes::new()))),
+            r#"RequestBody("Stream")"#
+        );
+        assert_eq!(
+            format!("{:?}", RequestBody::<Full<Bytes>>::from(Bytes::new())),
+            r#"RequestBody("Buffered")"#
+        );
+    }
+
     #[test]
     fn debug_names_the_kind_never_the_contents() {
         type B = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;

@@ -259,10 +259,95 @@ async fn oversized_request_body_is_413_before_the_store() {
     );
 }
 
+/// A declared `Content-Length` over the limit is refused before a byte is
+/// read (the body here fails if it is read, which would be a 400); one at
+/// the limit is read and runs.
+#[tokio::test]
+async fn a_declared_length_over_the_limit_is_refused_unread() {
+    struct Unreadable;
+    impl http_body::Body for Unreadable {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            Poll::Ready(Some(Err(std::io::Error::other("read"))))
+        }
+    }
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let (app, counter) =
+        app_with(IdempotencyLayer::from_arc(store.clone()).with_max_request_body(16));
+    for declared in ["17", "1000000"] {
+        let r = post_req(Some("k"))
+            .header("content-length", declared)
+            .body(Body::new(Unreadable))
+            .unwrap();
+        let (status, headers, body) = send(&app, r).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "declared {declared}");
+        assert_eq!(
+            problem_type(&problem(status, &headers, &body)),
+            "body-too-large"
+        );
+    }
+    assert_eq!(store.calls(Op::Begin), 0);
+    let r = post_req(Some("k"))
+        .header("content-length", "16")
+        .body(Body::from("x".repeat(16)))
+        .unwrap();
+    assert_eq!(send(&app, r).await.0, StatusCode::CREATED);
+    assert_eq!(counter.get(), 1);
+}
+
 fn tokio_stream_from<T: Unpin + Send + 'static>(
     items: Vec<T>,
 ) -> impl futures_util::Stream<Item = T> {
     futures_util::stream::iter(items)
+}
+
+/// The layer is ready when, and only when, the inner service is, and
+/// passes on its error.
+#[test]
+fn readiness_is_the_inner_services() {
+    use tower::{Layer, Service};
+    #[derive(Clone)]
+    struct Gate(Option<&'static str>);
+    impl Service<Request<Body>> for Gate {
+        type Response = axum::http::Response<Body>;
+        type Error = &'static str;
+        type Future = std::future::Ready<Result<Self::Response, &'static str>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), &'static str>> {
+            match self.0 {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            }
+        }
+        fn call(&mut self, _: Request<Body>) -> Self::Future {
+            std::future::ready(Err("called"))
+        }
+    }
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let layer = IdempotencyLayer::new(MemoryStore::new());
+    assert!(layer.layer(Gate(None)).poll_ready(&mut cx).is_pending());
+    assert_eq!(
+        layer.layer(Gate(Some("down"))).poll_ready(&mut cx),
+        Poll::Ready(Err("down"))
+    );
+}
+
+/// `Debug` shows the settings and the inner service, as tower-http's
+/// layers do.
+#[test]
+fn debug_shows_the_settings_and_the_inner_service() {
+    use tower::Layer;
+    let layer = IdempotencyLayer::new(MemoryStore::new()).with_max_request_body(16);
+    let shown = format!("{layer:?}");
+    assert!(shown.starts_with("IdempotencyLayer {"), "{shown}");
+    assert!(shown.contains("max_request_body: 16"), "{shown}");
+    #[derive(Clone, Debug)]
+    struct Inner;
+    let service = layer.layer(Inner);
+    assert_eq!(format!("{service:?}"), "Idempotency { inner: Inner, .. }");
 }
 
 // 4. begin outcomes.
@@ -1479,4 +1564,200 @@ async fn response_futures_say_which_path_they_take() {
     let covered = svc.call(req("POST", Some("\"k\"")).body(Body::empty()).unwrap());
     assert_eq!(format!("{covered:?}"), "ResponseFuture(\"Covered\")");
     assert_eq!(covered.await.unwrap().status(), StatusCode::OK);
+}
+
+// 13. Trailers.
+
+type Framed = http_body_util::StreamBody<
+    futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>,
+>;
+
+fn checksum_trailer() -> axum::http::HeaderMap {
+    let mut t = axum::http::HeaderMap::new();
+    t.insert("x-checksum", "c0ffee".parse().unwrap());
+    t
+}
+
+/// `store` behind the layer around a service that answers 200 with
+/// `body` and an `x-checksum` trailer, and counts its runs.
+fn trailing_service(
+    store: Arc<dyn Store>,
+    body: &'static [u8],
+    runs: Counter,
+) -> tower_idempotency::Idempotency<
+    impl tower::Service<
+        Request<http_body_util::Full<Bytes>>,
+        Response = axum::http::Response<Framed>,
+        Error = Infallible,
+        Future = impl Send,
+    > + Clone,
+> {
+    use tower::Layer;
+    IdempotencyLayer::from_arc(store).layer(tower::service_fn(
+        move |_: Request<http_body_util::Full<Bytes>>| {
+            runs.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let frames = vec![
+                Ok(Frame::data(Bytes::from_static(body))),
+                Ok(Frame::trailers(checksum_trailer())),
+            ];
+            async move {
+                Ok::<_, Infallible>(axum::http::Response::new(http_body_util::StreamBody::new(
+                    futures_util::stream::iter(frames),
+                )))
+            }
+        },
+    ))
+}
+
+/// Status, replay marker, body and trailers of one keyed POST.
+async fn post_collect<S, B>(
+    svc: &S,
+    key: &str,
+) -> (StatusCode, bool, Bytes, Option<axum::http::HeaderMap>)
+where
+    S: tower::Service<Request<http_body_util::Full<Bytes>>, Response = axum::http::Response<B>>
+        + Clone,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    use http_body_util::BodyExt;
+    let req = Request::post("/orders")
+        .header("idempotency-key", key)
+        .body(http_body_util::Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let res = svc.clone().oneshot(req).await.unwrap();
+    let status = res.status();
+    let replayed = res.headers().contains_key("idempotent-replayed");
+    let collected = res.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned();
+    (status, replayed, collected.to_bytes(), trailers)
+}
+
+#[tokio::test]
+async fn trailers_are_recorded_and_replayed() {
+    let runs = Counter::default();
+    let svc = trailing_service(Arc::new(MemoryStore::new()), b"signed", runs.clone());
+    let first = post_collect(&svc, "t").await;
+    assert_eq!(
+        first,
+        (
+            StatusCode::OK,
+            false,
+            Bytes::from_static(b"signed"),
+            Some(checksum_trailer())
+        )
+    );
+    let replay = post_collect(&svc, "t").await;
+    assert_eq!(
+        replay,
+        (
+            StatusCode::OK,
+            true,
+            Bytes::from_static(b"signed"),
+            Some(checksum_trailer())
+        )
+    );
+    assert_eq!(runs.get(), 1);
+}
+
+/// A `MemoryStore` that keeps records of at most `max` encoded bytes, as
+/// DynamoDB does.
+struct Limited {
+    inner: MemoryStore,
+    max: usize,
+}
+
+#[async_trait::async_trait]
+impl Store for Limited {
+    async fn begin(
+        &self,
+        key: &StoreKey,
+        fp: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, tower_idempotency::store::StoreError> {
+        self.inner.begin(key, fp, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &StoreKey,
+        token: &tower_idempotency::store::LockToken,
+        record: &tower_idempotency::record::Record,
+        ttl: Duration,
+    ) -> Result<bool, tower_idempotency::store::StoreError> {
+        let size = record.encode().len();
+        if size > self.max {
+            return Err(tower_idempotency::store::StoreError::backend(format!(
+                "a record of {size} bytes, over {}",
+                self.max
+            )));
+        }
+        self.inner.complete(key, token, record, ttl).await
+    }
+    async fn release(
+        &self,
+        key: &StoreKey,
+        token: &tower_idempotency::store::LockToken,
+    ) -> Result<bool, tower_idempotency::store::StoreError> {
+        self.inner.release(key, token).await
+    }
+    async fn extend(
+        &self,
+        key: &StoreKey,
+        token: &tower_idempotency::store::LockToken,
+        lease: Duration,
+    ) -> Result<bool, tower_idempotency::store::StoreError> {
+        self.inner.extend(key, token, lease).await
+    }
+    fn capabilities(&self) -> tower_idempotency::store::Capabilities {
+        tower_idempotency::store::Capabilities::new().with_max_record_size(self.max)
+    }
+}
+
+/// Trailers arrive after the body, so only then can the layer tell that
+/// they push a record past the store's limit: a record exactly at the
+/// limit is kept and replayed; one byte over, a tombstone (retries get
+/// 410). The client gets the whole response either way.
+#[tokio::test]
+async fn trailers_past_the_stores_limit_leave_a_tombstone() {
+    let exact = tower_idempotency::record::Record::response(
+        Fingerprint::from_bytes([0; 32]),
+        StatusCode::OK,
+        Vec::new(),
+        Bytes::from_static(b"signed"),
+    )
+    .with_trailers(vec![(
+        axum::http::HeaderName::from_static("x-checksum"),
+        axum::http::HeaderValue::from_static("c0ffee"),
+    )])
+    .encode()
+    .len();
+    let expected = (
+        StatusCode::OK,
+        false,
+        Bytes::from_static(b"signed"),
+        Some(checksum_trailer()),
+    );
+
+    let runs = Counter::default();
+    let at = Arc::new(Limited {
+        inner: MemoryStore::new(),
+        max: exact,
+    });
+    let svc = trailing_service(at, b"signed", runs.clone());
+    assert_eq!(post_collect(&svc, "t").await, expected);
+    let replay = post_collect(&svc, "t").await;
+    assert_eq!(
+        (replay.0, replay.1, replay.3),
+        (StatusCode::OK, true, Some(checksum_trailer()))
+    );
+
+    let over = Arc::new(Limited {
+        inner: MemoryStore::new(),
+        max: exact - 1,
+    });
+    let svc = trailing_service(over, b"signed", runs.clone());
+    assert_eq!(post_collect(&svc, "t").await, expected);
+    assert_eq!(post_collect(&svc, "t").await.0, StatusCode::GONE);
+    assert_eq!(runs.get(), 2);
 }
