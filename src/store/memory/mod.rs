@@ -421,4 +421,26 @@ mod tests {
         store.wait(&k, Duration::from_secs(100)).await.unwrap();
         assert_eq!(start.elapsed(), LEASE);
     }
+
+    #[tokio::test]
+    async fn accessors_report_the_bounds_and_the_contents() {
+        let store = MemoryStore::builder()
+            .max_entries(3)
+            .max_bytes(1 << 20)
+            .build();
+        assert_eq!((store.max_entries(), store.max_bytes()), (3, 1 << 20));
+        assert!(store.is_empty());
+        let t = acquire(&store, &key(1)).await;
+        assert!(!store.is_empty());
+        assert_eq!((store.len(), store.live_locks()), (1, 1));
+        let shown = format!("{store:?}");
+        assert!(shown.starts_with("MemoryStore { shards: "), "{shown}");
+        assert!(
+            shown.ends_with("max_entries: 3, max_bytes: 1048576, len: 1 }"),
+            "{shown}"
+        );
+        store.complete(&key(1), &t, &record(1), TTL).await.unwrap();
+        assert_eq!((store.len(), store.live_locks()), (1, 0));
+        assert!(store.bytes() > 0);
+    }
 }
