@@ -44,6 +44,20 @@ fn req(method: &str, key: Option<&str>) -> axum::http::request::Builder {
     b
 }
 
+/// A body that fails when it is read.
+struct Unreadable;
+
+impl http_body::Body for Unreadable {
+    type Data = Bytes;
+    type Error = std::io::Error;
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        Poll::Ready(Some(Err(std::io::Error::other("read"))))
+    }
+}
+
 // 1. Covered methods.
 
 #[tokio::test]
@@ -58,21 +72,10 @@ async fn uncovered_methods_pass_through_untouched_and_unbuffered() {
     assert_eq!(counter.get(), 2);
 
     // A body that fails when read: the layer must not read it for GET.
-    struct Failing;
-    impl http_body::Body for Failing {
-        type Data = Bytes;
-        type Error = std::io::Error;
-        fn poll_frame(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-            Poll::Ready(Some(Err(std::io::Error::other("boom"))))
-        }
-    }
     let svc = tower::ServiceBuilder::new()
         .layer(IdempotencyLayer::new(MemoryStore::new()))
         .service_fn(
-            |req: Request<tower_idempotency::RequestBody<Failing>>| async move {
+            |req: Request<tower_idempotency::RequestBody<Unreadable>>| async move {
                 // The handler never reads the body either: it is untouched.
                 assert!(matches!(
                     format!("{:?}", req.body()).as_str(),
@@ -85,7 +88,7 @@ async fn uncovered_methods_pass_through_untouched_and_unbuffered() {
         );
     let r = Request::get("/orders")
         .header("idempotency-key", "k")
-        .body(tower_idempotency::RequestBody::new(Failing))
+        .body(tower_idempotency::RequestBody::new(Unreadable))
         .unwrap();
     let res = svc.oneshot(r).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
@@ -94,7 +97,7 @@ async fn uncovered_methods_pass_through_untouched_and_unbuffered() {
     let svc = tower::ServiceBuilder::new()
         .layer(IdempotencyLayer::new(MemoryStore::new()))
         .service_fn(
-            |_req: Request<tower_idempotency::RequestBody<Failing>>| async move {
+            |_req: Request<tower_idempotency::RequestBody<Unreadable>>| async move {
                 Ok::<_, Infallible>(axum::http::Response::new(http_body_util::Full::new(
                     Bytes::new(),
                 )))
@@ -102,7 +105,7 @@ async fn uncovered_methods_pass_through_untouched_and_unbuffered() {
         );
     let r = Request::post("/orders")
         .header("idempotency-key", "k")
-        .body(tower_idempotency::RequestBody::new(Failing))
+        .body(tower_idempotency::RequestBody::new(Unreadable))
         .unwrap();
     let res = svc.oneshot(r).await.unwrap();
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
@@ -264,17 +267,6 @@ async fn oversized_request_body_is_413_before_the_store() {
 /// the limit is read and runs.
 #[tokio::test]
 async fn a_declared_length_over_the_limit_is_refused_unread() {
-    struct Unreadable;
-    impl http_body::Body for Unreadable {
-        type Data = Bytes;
-        type Error = std::io::Error;
-        fn poll_frame(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-            Poll::Ready(Some(Err(std::io::Error::other("read"))))
-        }
-    }
     let store = Arc::new(FaultyStore::new(MemoryStore::new()));
     let (app, counter) =
         app_with(IdempotencyLayer::from_arc(store.clone()).with_max_request_body(16));
