@@ -1119,22 +1119,43 @@ async fn every_decision_is_an_outcome_in_the_extensions() {
     assert_eq!(first.await.unwrap(), Outcome::Executed);
 }
 
-/// A store that commits the handler's writes with the record (as a
-/// transactional store does), built on the fault injector.
-struct Transactional(FaultyStore<MemoryStore>);
+/// The fault injector on a `MemoryStore`, declaring `caps`: transactional
+/// (it then hands the handler an attachment, as a transactional store
+/// hands over its transaction), or with a record size limit, which its
+/// `complete` enforces (as DynamoDB's item limit does).
+struct Declared {
+    inner: FaultyStore<MemoryStore>,
+    caps: tower_idempotency::store::Capabilities,
+}
+
+impl Declared {
+    fn transactional() -> Self {
+        Self {
+            inner: FaultyStore::new(MemoryStore::new()),
+            caps: tower_idempotency::store::Capabilities::new().with_transactional(true),
+        }
+    }
+
+    fn limited(max: usize) -> Self {
+        Self {
+            inner: FaultyStore::new(MemoryStore::new()),
+            caps: tower_idempotency::store::Capabilities::new().with_max_record_size(max),
+        }
+    }
+}
 
 #[derive(Clone)]
 struct Attached(#[allow(dead_code)] tower_idempotency::store::LockToken);
 
 #[async_trait::async_trait]
-impl Store for Transactional {
+impl Store for Declared {
     async fn begin(
         &self,
         key: &StoreKey,
         fp: &Fingerprint,
         lease: Duration,
     ) -> Result<Begin, tower_idempotency::store::StoreError> {
-        self.0.begin(key, fp, lease).await
+        self.inner.begin(key, fp, lease).await
     }
     async fn complete(
         &self,
@@ -1143,14 +1164,20 @@ impl Store for Transactional {
         record: &tower_idempotency::record::Record,
         ttl: Duration,
     ) -> Result<bool, tower_idempotency::store::StoreError> {
-        self.0.complete(key, token, record, ttl).await
+        let size = record.encode().len();
+        if let Some(max) = self.caps.max_record_size().filter(|max| size > *max) {
+            return Err(tower_idempotency::store::StoreError::backend(format!(
+                "a record of {size} bytes, over {max}"
+            )));
+        }
+        self.inner.complete(key, token, record, ttl).await
     }
     async fn release(
         &self,
         key: &StoreKey,
         token: &tower_idempotency::store::LockToken,
     ) -> Result<bool, tower_idempotency::store::StoreError> {
-        self.0.release(key, token).await
+        self.inner.release(key, token).await
     }
     async fn extend(
         &self,
@@ -1158,23 +1185,25 @@ impl Store for Transactional {
         token: &tower_idempotency::store::LockToken,
         lease: Duration,
     ) -> Result<bool, tower_idempotency::store::StoreError> {
-        self.0.extend(key, token, lease).await
+        self.inner.extend(key, token, lease).await
     }
     fn attachment(
         &self,
         _key: &StoreKey,
         token: &tower_idempotency::store::LockToken,
     ) -> Option<tower_idempotency::store::Attachment> {
-        Some(tower_idempotency::store::Attachment::new(Attached(*token)))
+        self.caps
+            .is_transactional()
+            .then(|| tower_idempotency::store::Attachment::new(Attached(*token)))
     }
     fn capabilities(&self) -> tower_idempotency::store::Capabilities {
-        tower_idempotency::store::Capabilities::new().with_transactional(true)
+        self.caps
     }
 }
 
 #[tokio::test]
 async fn transactional_store_hooks() {
-    let store = Arc::new(Transactional(FaultyStore::new(MemoryStore::new())));
+    let store = Arc::new(Declared::transactional());
     async fn h(attached: Option<axum::Extension<Attached>>) -> (StatusCode, &'static str) {
         assert!(attached.is_some(), "the store's state reaches the handler");
         (StatusCode::CREATED, "written in the transaction")
@@ -1184,7 +1213,7 @@ async fn transactional_store_hooks() {
         .layer(IdempotencyLayer::from_arc(store.clone()));
     // The commit fails: the handler's writes are gone, so its 201 must not
     // reach the client, and the write is not retried in the background.
-    store.0.inject(Op::Complete, Fault::Fail, 1);
+    store.inner.inject(Op::Complete, Fault::Fail, 1);
     let (status, headers, body) = call_post(&app, Some("k"), "{}").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
@@ -1192,7 +1221,7 @@ async fn transactional_store_hooks() {
         "store-unavailable"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(store.0.calls(Op::Complete), 1);
+    assert_eq!(store.inner.calls(Op::Complete), 1);
     // A healthy commit answers normally.
     let (status, _, _) = call_post(&app, Some("k2"), "{}").await;
     assert_eq!(status, StatusCode::CREATED);
@@ -1204,7 +1233,7 @@ async fn transactional_store_hooks() {
 /// writes that did not happen.
 #[tokio::test(start_paused = true)]
 async fn transactional_store_that_lost_its_lock_answers_503() {
-    let store = Arc::new(Transactional(FaultyStore::new(MemoryStore::new())));
+    let store = Arc::new(Declared::transactional());
     async fn slow() -> (StatusCode, &'static str) {
         tokio::time::sleep(Duration::from_secs(1)).await;
         (StatusCode::CREATED, "written in the transaction")
@@ -1212,9 +1241,9 @@ async fn transactional_store_that_lost_its_lock_answers_503() {
     let app = Router::new()
         .route("/orders", post(slow))
         .layer(IdempotencyLayer::from_arc(store.clone()).with_lease(Duration::from_millis(300)));
-    store.0.inject(Op::Extend, Fault::Fail, 100);
+    store.inner.inject(Op::Extend, Fault::Fail, 100);
     let (status, headers, body) = call_post(&app, Some("k"), "{}").await;
-    assert_eq!(store.0.calls(Op::Complete), 1);
+    assert_eq!(store.inner.calls(Op::Complete), 1);
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(
         problem_type(&problem(status, &headers, &body)),
@@ -1626,84 +1655,19 @@ where
     (status, replayed, collected.to_bytes(), trailers)
 }
 
+/// What `trailing_service` answers with `b"signed"`, first or replayed.
+fn signed(replayed: bool) -> (StatusCode, bool, Bytes, Option<axum::http::HeaderMap>) {
+    let body = Bytes::from_static(b"signed");
+    (StatusCode::OK, replayed, body, Some(checksum_trailer()))
+}
+
 #[tokio::test]
 async fn trailers_are_recorded_and_replayed() {
     let runs = Counter::default();
     let svc = trailing_service(Arc::new(MemoryStore::new()), b"signed", runs.clone());
-    let first = post_collect(&svc, "t").await;
-    assert_eq!(
-        first,
-        (
-            StatusCode::OK,
-            false,
-            Bytes::from_static(b"signed"),
-            Some(checksum_trailer())
-        )
-    );
-    let replay = post_collect(&svc, "t").await;
-    assert_eq!(
-        replay,
-        (
-            StatusCode::OK,
-            true,
-            Bytes::from_static(b"signed"),
-            Some(checksum_trailer())
-        )
-    );
+    assert_eq!(post_collect(&svc, "t").await, signed(false));
+    assert_eq!(post_collect(&svc, "t").await, signed(true));
     assert_eq!(runs.get(), 1);
-}
-
-/// A `MemoryStore` that keeps records of at most `max` encoded bytes, as
-/// DynamoDB does.
-struct Limited {
-    inner: MemoryStore,
-    max: usize,
-}
-
-#[async_trait::async_trait]
-impl Store for Limited {
-    async fn begin(
-        &self,
-        key: &StoreKey,
-        fp: &Fingerprint,
-        lease: Duration,
-    ) -> Result<Begin, tower_idempotency::store::StoreError> {
-        self.inner.begin(key, fp, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &StoreKey,
-        token: &tower_idempotency::store::LockToken,
-        record: &tower_idempotency::record::Record,
-        ttl: Duration,
-    ) -> Result<bool, tower_idempotency::store::StoreError> {
-        let size = record.encode().len();
-        if size > self.max {
-            return Err(tower_idempotency::store::StoreError::backend(format!(
-                "a record of {size} bytes, over {}",
-                self.max
-            )));
-        }
-        self.inner.complete(key, token, record, ttl).await
-    }
-    async fn release(
-        &self,
-        key: &StoreKey,
-        token: &tower_idempotency::store::LockToken,
-    ) -> Result<bool, tower_idempotency::store::StoreError> {
-        self.inner.release(key, token).await
-    }
-    async fn extend(
-        &self,
-        key: &StoreKey,
-        token: &tower_idempotency::store::LockToken,
-        lease: Duration,
-    ) -> Result<bool, tower_idempotency::store::StoreError> {
-        self.inner.extend(key, token, lease).await
-    }
-    fn capabilities(&self) -> tower_idempotency::store::Capabilities {
-        tower_idempotency::store::Capabilities::new().with_max_record_size(self.max)
-    }
 }
 
 /// Trailers arrive after the body, so only then can the layer tell that
@@ -1724,32 +1688,15 @@ async fn trailers_past_the_stores_limit_leave_a_tombstone() {
     )])
     .encode()
     .len();
-    let expected = (
-        StatusCode::OK,
-        false,
-        Bytes::from_static(b"signed"),
-        Some(checksum_trailer()),
-    );
-
     let runs = Counter::default();
-    let at = Arc::new(Limited {
-        inner: MemoryStore::new(),
-        max: exact,
-    });
+    let at = Arc::new(Declared::limited(exact));
     let svc = trailing_service(at, b"signed", runs.clone());
-    assert_eq!(post_collect(&svc, "t").await, expected);
-    let replay = post_collect(&svc, "t").await;
-    assert_eq!(
-        (replay.0, replay.1, replay.3),
-        (StatusCode::OK, true, Some(checksum_trailer()))
-    );
+    assert_eq!(post_collect(&svc, "t").await, signed(false));
+    assert_eq!(post_collect(&svc, "t").await, signed(true));
 
-    let over = Arc::new(Limited {
-        inner: MemoryStore::new(),
-        max: exact - 1,
-    });
+    let over = Arc::new(Declared::limited(exact - 1));
     let svc = trailing_service(over, b"signed", runs.clone());
-    assert_eq!(post_collect(&svc, "t").await, expected);
+    assert_eq!(post_collect(&svc, "t").await, signed(false));
     assert_eq!(post_collect(&svc, "t").await.0, StatusCode::GONE);
     assert_eq!(runs.get(), 2);
 }
