@@ -430,17 +430,21 @@ mod tests {
             .build();
         assert_eq!((store.max_entries(), store.max_bytes()), (3, 1 << 20));
         assert!(store.is_empty());
+        assert_eq!((store.len(), store.bytes()), (0, 0));
         let t = acquire(&store, &key(1)).await;
         assert!(!store.is_empty());
         assert_eq!((store.len(), store.live_locks()), (1, 1));
-        let shown = format!("{store:?}");
-        assert!(shown.starts_with("MemoryStore { shards: "), "{shown}");
-        assert!(
-            shown.ends_with("max_entries: 3, max_bytes: 1048576, len: 1 }"),
-            "{shown}"
+        assert_eq!(
+            format!("{store:?}"),
+            "MemoryStore { shards: 1, max_entries: 3, max_bytes: 1048576, len: 1 }"
         );
-        store.complete(&key(1), &t, &record(1), TTL).await.unwrap();
+        // About a thousand entries and at least 8 MiB a shard.
+        assert_eq!(
+            format!("{:?}", MemoryStore::new()),
+            "MemoryStore { shards: 32, max_entries: 100000, max_bytes: 268435456, len: 0 }"
+        );
+        store.complete(&key(1), &t, &record(1000), TTL).await.unwrap();
         assert_eq!((store.len(), store.live_locks()), (1, 0));
-        assert!(store.bytes() > 0);
+        assert!(store.bytes() > 1000, "{}", store.bytes());
     }
 }

@@ -500,6 +500,46 @@ mod tests {
     use crate::store::{Begin, Store};
     use http::StatusCode;
 
+    /// Entries land in every shard, so the store holds its whole bound:
+    /// 2,000 locks in a store of 64 shards of 1,024 entries each all get
+    /// in (were they all in one shard, the 1,025th would be refused).
+    #[tokio::test]
+    async fn entries_use_every_shard() {
+        let store = MemoryStore::builder()
+            .max_entries(64 * 1024)
+            .max_bytes(512 << 20)
+            .build();
+        assert_eq!(store.inner.shard_count(), 64);
+        for n in 0..2000 {
+            acquire(&store, &key(n)).await;
+        }
+        assert_eq!(store.live_locks(), 2000);
+    }
+
+    /// A shard that sees no insertions of its own is still swept: every
+    /// insertion sweeps one more shard, picked by its key's hash. Here
+    /// every insertion lands in shard 0, and the entries that expired in
+    /// the other shards are gone after them.
+    #[tokio::test(start_paused = true)]
+    async fn shards_without_insertions_are_swept_by_the_others() {
+        let store = MemoryStore::new();
+        let shards = store.inner.shard_count() as u64;
+        assert_eq!(shards, 32);
+        for n in 0..1000 {
+            acquire(&store, &key(n)).await;
+        }
+        tokio::time::advance(LEASE + Duration::from_secs(1)).await;
+        let in_shard_0 = (1000..)
+            .map(key)
+            .filter(|k| (store.inner.hashed(k).hash >> 58) % shards == 0)
+            .take(2000)
+            .collect::<Vec<_>>();
+        for k in &in_shard_0 {
+            acquire(&store, k).await;
+        }
+        assert_eq!(store.len(), 2000);
+    }
+
     /// Keys a client ground to agree in every byte but their last word still
     /// spread over the shards and the table's hashes, and two stores hash
     /// the same key differently: what collides cannot be known outside.
