@@ -443,7 +443,10 @@ mod tests {
             format!("{:?}", MemoryStore::new()),
             "MemoryStore { shards: 32, max_entries: 100000, max_bytes: 268435456, len: 0 }"
         );
-        store.complete(&key(1), &t, &record(1000), TTL).await.unwrap();
+        store
+            .complete(&key(1), &t, &record(1000), TTL)
+            .await
+            .unwrap();
         assert_eq!((store.len(), store.live_locks()), (1, 0));
         assert!(store.bytes() > 1000, "{}", store.bytes());
     }

@@ -404,7 +404,7 @@ impl Shard {
             };
             if self.is_current(tag) {
                 if self.slots[tag.0 as usize].expires_at > now {
-                    return;
+                    break;
                 }
                 self.order.pop_front();
                 self.remove_at(tag.0);
@@ -499,6 +499,82 @@ mod tests {
     use crate::store::memory::tests::{FP, LEASE, TTL, acquire, key, record};
     use crate::store::{Begin, Store};
     use http::StatusCode;
+
+    /// Two keys whose hashes agree in every bit are still two entries: the
+    /// hash finds candidates, the key decides.
+    #[test]
+    fn a_full_hash_collision_is_told_apart_by_the_key() {
+        let store = MemoryStore::builder().max_entries(1000).build();
+        let (a, b) = (key(1), key(2));
+        let (ha, hb) = (Hashed { key: &a, hash: 7 }, Hashed { key: &b, hash: 7 });
+        let mut shard = store.inner.shard(ha);
+        shard
+            .insert(
+                ha,
+                u64::MAX,
+                State::InFlight(Box::new(Lock {
+                    token: crate::store::LockToken::new(),
+                    fingerprint: FP,
+                    waiters: None,
+                })),
+            )
+            .unwrap();
+        assert!(shard.find(ha).is_some());
+        assert_eq!(shard.find(hb), None);
+    }
+
+    /// What the store charges against `max_bytes` is exact: the overhead
+    /// for a lock, the overhead and the compact record for a record, and
+    /// nothing once the entry is gone.
+    #[tokio::test]
+    async fn bytes_are_charged_exactly() {
+        let store = MemoryStore::new();
+        let t = acquire(&store, &key(1)).await;
+        assert_eq!(store.bytes(), ENTRY_OVERHEAD);
+        let r = record(1000);
+        store.complete(&key(1), &t, &r, TTL).await.unwrap();
+        assert_eq!(store.bytes(), ENTRY_OVERHEAD + r.to_compact().len());
+        let t = acquire(&store, &key(2)).await;
+        store.release(&key(2), &t).await.unwrap();
+        assert_eq!(store.bytes(), ENTRY_OVERHEAD + r.to_compact().len());
+    }
+
+    /// An entry is expired at its deadline, not a tick after: the sweep
+    /// removes a record whose ttl ended exactly now, as `begin` would take
+    /// its key over.
+    #[tokio::test(start_paused = true)]
+    async fn the_sweep_removes_an_entry_at_its_deadline() {
+        // One shard, so the next insertion sweeps it.
+        let store = MemoryStore::builder().max_entries(1000).build();
+        assert_eq!(store.inner.shard_count(), 1);
+        let t = acquire(&store, &key(1)).await;
+        let ttl = Duration::from_secs(1);
+        store.complete(&key(1), &t, &record(1), ttl).await.unwrap();
+        tokio::time::advance(ttl).await;
+        acquire(&store, &key(2)).await;
+        assert_eq!(store.len(), 1);
+    }
+
+    /// Tags of removed entries behind a long-lived entry at the front of
+    /// the order do not pile up: the sweep stops at the live entry, then
+    /// compacts the order once it holds more than twice the live entries
+    /// (and 64).
+    #[tokio::test]
+    async fn stale_tags_behind_a_live_lock_are_compacted() {
+        let store = MemoryStore::builder().max_entries(1000).build();
+        acquire(&store, &key(0)).await;
+        for n in 1..1000 {
+            let t = acquire(&store, &key(n)).await;
+            store.release(&key(n), &t).await.unwrap();
+        }
+        let shard = store.inner.shard(store.inner.hashed(&key(0)));
+        assert_eq!(shard.table.len(), 1);
+        assert!(
+            shard.order.len() <= 2 + 64 + 1,
+            "{} tags",
+            shard.order.len()
+        );
+    }
 
     /// Entries land in every shard, so the store holds its whole bound:
     /// 2,000 locks in a store of 64 shards of 1,024 entries each all get
