@@ -576,6 +576,25 @@ mod tests {
         );
     }
 
+    /// A store fills to its byte bound exactly: three locks fit in three
+    /// locks' bytes, and the fourth is refused (live locks are never
+    /// evicted).
+    #[tokio::test]
+    async fn the_byte_bound_is_reached_exactly() {
+        let store = MemoryStore::builder()
+            .max_entries(1000)
+            .max_bytes(3 * ENTRY_OVERHEAD)
+            .build();
+        for n in 0..3 {
+            acquire(&store, &key(n)).await;
+        }
+        assert_eq!(store.bytes(), 3 * ENTRY_OVERHEAD);
+        assert!(matches!(
+            store.begin(&key(3), &FP, LEASE).await,
+            Err(StoreError::CapacityExceeded)
+        ));
+    }
+
     /// Entries land in every shard, so the store holds its whole bound:
     /// 2,000 locks in a store of 64 shards of 1,024 entries each all get
     /// in (were they all in one shard, the 1,025th would be refused).
