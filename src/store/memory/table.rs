@@ -595,6 +595,23 @@ mod tests {
         ));
     }
 
+    /// A lock is gone at its deadline, not a tick after: its holder can no
+    /// longer complete it, and it makes room for a new entry like any
+    /// expired one (here behind a live lock at the front of the order).
+    #[tokio::test(start_paused = true)]
+    async fn a_lock_at_its_deadline_is_expired() {
+        let store = MemoryStore::builder().max_entries(2).build();
+        let lease = Duration::from_secs(1);
+        store.begin(&key(0), &FP, LEASE).await.unwrap();
+        let Begin::Acquired(t) = store.begin(&key(1), &FP, lease).await.unwrap() else {
+            panic!("expected the lock");
+        };
+        tokio::time::advance(lease).await;
+        assert!(!store.complete(&key(1), &t, &record(1), TTL).await.unwrap());
+        acquire(&store, &key(2)).await;
+        assert_eq!(store.live_locks(), 2);
+    }
+
     /// Entries land in every shard, so the store holds its whole bound:
     /// 2,000 locks in a store of 64 shards of 1,024 entries each all get
     /// in (were they all in one shard, the 1,025th would be refused).
