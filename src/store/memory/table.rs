@@ -607,6 +607,7 @@ mod tests {
             panic!("expected the lock");
         };
         tokio::time::advance(lease).await;
+        assert_eq!(store.live_locks(), 1);
         assert!(!store.complete(&key(1), &t, &record(1), TTL).await.unwrap());
         acquire(&store, &key(2)).await;
         assert_eq!(store.live_locks(), 2);
