@@ -644,7 +644,7 @@ mod tests {
         tokio::time::advance(LEASE + Duration::from_secs(1)).await;
         let in_shard_0 = (1000..)
             .map(key)
-            .filter(|k| (store.inner.hashed(k).hash >> 58) % shards == 0)
+            .filter(|k| (store.inner.hashed(k).hash >> 58) & (shards - 1) == 0)
             .take(2000)
             .collect::<Vec<_>>();
         for k in &in_shard_0 {
