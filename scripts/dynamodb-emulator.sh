@@ -34,6 +34,28 @@ except Exception:
 PY
 }
 
+# moto loads its DynamoDB backend on the first DynamoDB request, which can
+# take a second on a busy machine: make that request here, so the first
+# test's calls are not the ones that wait (the server answers one request
+# at a time, and the tests bound each call to 1 s).
+warm_up() {
+    "$VENV/bin/python" - "$ENDPOINT" <<'PY'
+import sys, urllib.request
+req = urllib.request.Request(
+    sys.argv[1] + "/",
+    data=b"{}",
+    headers={
+        "Content-Type": "application/x-amz-json-1.0",
+        "X-Amz-Target": "DynamoDB_20120810.ListTables",
+        "Authorization": "AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/"
+        "dynamodb/aws4_request, SignedHeaders=host, Signature=0",
+    },
+)
+with urllib.request.urlopen(req, timeout=60) as r:
+    sys.exit(0 if r.status == 200 else 1)
+PY
+}
+
 install() {
     if [ -x "$VENV/bin/moto_server" ] \
         && "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('moto') != '$MOTO_VERSION')" 2>/dev/null; then
@@ -74,6 +96,11 @@ start() {
     echo $! >"$PID_FILE"
     for _ in $(seq 1 150); do
         if answers; then
+            if ! warm_up; then
+                echo "dynamodb-emulator: the moto server does not answer DynamoDB requests" >&2
+                stop
+                return 1
+            fi
             echo "AWS_ENDPOINT_URL=$ENDPOINT"
             return 0
         fi
