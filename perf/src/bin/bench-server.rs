@@ -234,8 +234,7 @@ async fn mysql_store() -> Result<Arc<dyn Store>, BoxError> {
         .connect_with(options)
         .await?;
     let store = tower_idempotency::store::mysql::MySqlStore::new(pool)
-        .with_table("perf_idempotency_records")?
-        .with_async_lock_commit(async_lock);
+        .with_table("perf_idempotency_records")?;
     store.migrate().await?;
     Ok(Arc::new(store))
 }
