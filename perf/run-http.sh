@@ -170,7 +170,7 @@ measure_loadgen() {
   p99="$(field p99 "$json")"
   errors="$(field errors "$json")"
   statuses="$(sed -E 's/.*"status":\{([^}]*)\}.*/\1/; s/"//g; s/,/ /g' <<<"$json")"
-  n="$(awk -v r="$rps" -v d="$DURATION" 'BEGIN { printf "%d", r * d }')"
+  n="$(field requests "$json")"
   raw+=("loadgen|$label|$keys|$rps|$p50|$p99|$(cpu_per_request "$t0" "$t1" "$n")|$statuses|$errors")
 }
 
