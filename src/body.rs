@@ -1,6 +1,7 @@
 //! The response body type of the layer, and bounded buffering.
 
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -466,53 +467,97 @@ pub(crate) enum Collected<B: Body> {
 
 /// Reads `body` up to `limit` bytes, calling `inspect` on every data chunk
 /// as it arrives (the fingerprint is computed in this pass).
-pub(crate) async fn collect<B>(
-    mut body: B,
-    limit: usize,
-    mut inspect: impl FnMut(&[u8]),
-) -> Collected<B>
+pub(crate) fn collect<B, F>(body: B, limit: usize, inspect: F) -> Collect<B, F>
 where
     B: Body + Unpin,
+    F: FnMut(&[u8]),
 {
     let hint = body.size_hint();
-    if hint.lower() > limit as u64 {
-        return Collected::TooLarge {
-            prefix: Bytes::new(),
-            rest: body,
-        };
+    let (buf, capacity) = Buffer::with_hint(&hint);
+    Collect {
+        declared_over: hint.lower() > limit as u64,
+        body: Some(body),
+        limit,
+        inspect,
+        buf,
+        capacity,
+        trailers: None,
     }
-    let (mut buf, capacity) = Buffer::with_hint(&hint);
-    let mut trailers: Option<HeaderMap> = None;
-    loop {
-        match body.frame().await {
-            None => break,
-            Some(Err(error)) => return Collected::Failed { error },
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(mut data) => {
-                    let chunk = data.copy_to_bytes(data.remaining());
-                    inspect(&chunk);
-                    buf.push(chunk, capacity);
-                    if buf.len() > limit {
-                        return Collected::TooLarge {
-                            prefix: buf.freeze(),
-                            rest: body,
-                        };
-                    }
+}
+
+/// The future of [`collect`]. Written out rather than an async fn: it is
+/// held inside every covered request's future, and an async fn would keep
+/// its arguments twice and its locals beside them.
+pub(crate) struct Collect<B, F> {
+    /// Taken when the future completes: handed back unread past the limit.
+    body: Option<B>,
+    limit: usize,
+    inspect: F,
+    buf: Buffer,
+    capacity: usize,
+    /// Boxed: trailers are rare, and a map inline would triple the size.
+    trailers: Option<Box<HeaderMap>>,
+    /// The body's size hint already says it is over the limit.
+    declared_over: bool,
+}
+
+impl<B, F> Future for Collect<B, F>
+where
+    B: Body + Unpin,
+    F: FnMut(&[u8]) + Unpin,
+{
+    type Output = Collected<B>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Collected<B>> {
+        let this = self.get_mut();
+        // Out of its slot while polled, and put back only to wait: every
+        // way out below owns it.
+        let mut body = this.body.take().expect("Collect polled after completion");
+        if this.declared_over {
+            return Poll::Ready(Collected::TooLarge {
+                prefix: Bytes::new(),
+                rest: body,
+            });
+        }
+        loop {
+            let frame = match Pin::new(&mut body).poll_frame(cx) {
+                Poll::Ready(frame) => frame,
+                Poll::Pending => {
+                    this.body = Some(body);
+                    return Poll::Pending;
                 }
-                Err(frame) => {
-                    if let Ok(t) = frame.into_trailers() {
-                        match &mut trailers {
-                            Some(existing) => existing.extend(t),
-                            None => trailers = Some(t),
+            };
+            match frame {
+                None => {
+                    return Poll::Ready(Collected::Full {
+                        data: std::mem::take(&mut this.buf).freeze(),
+                        trailers: this.trailers.take().map(|t| *t),
+                    });
+                }
+                Some(Err(error)) => return Poll::Ready(Collected::Failed { error }),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(mut data) => {
+                        let chunk = data.copy_to_bytes(data.remaining());
+                        (this.inspect)(&chunk);
+                        this.buf.push(chunk, this.capacity);
+                        if this.buf.len() > this.limit {
+                            return Poll::Ready(Collected::TooLarge {
+                                prefix: std::mem::take(&mut this.buf).freeze(),
+                                rest: body,
+                            });
                         }
                     }
-                }
-            },
+                    Err(frame) => {
+                        if let Ok(t) = frame.into_trailers() {
+                            match &mut this.trailers {
+                                Some(existing) => existing.extend(t),
+                                None => this.trailers = Some(Box::new(t)),
+                            }
+                        }
+                    }
+                },
+            }
         }
-    }
-    Collected::Full {
-        data: buf.freeze(),
-        trailers,
     }
 }
 

@@ -111,6 +111,13 @@ impl Default for Settings {
 
 /// The store and the settings: everything a face needs to run its
 /// requests exactly once. Cheap to clone.
+///
+/// Its steps are futures held inside every covered request's boxed future,
+/// so they are laid out for size: functions returning an async block
+/// rather than async fns (an async fn keeps each argument twice, as the
+/// argument and as the local it is moved into), the store call a future
+/// written out ([`StoreCall`]), and no value kept across an await that
+/// does not need it.
 #[derive(Clone)]
 pub(crate) struct Engine {
     pub(crate) store: Arc<dyn Store>,
@@ -166,86 +173,100 @@ impl Engine {
     }
 
     /// One store call, cut off at the layer's store timeout and timed.
-    pub(crate) async fn call_store<T>(
-        &self,
-        op: &'static str,
-        call: impl Future<Output = Result<T, StoreError>>,
-    ) -> Result<T, StoreError> {
+    pub(crate) fn call_store<T, F>(&self, op: &'static str, call: F) -> StoreCall<F>
+    where
+        F: Future<Output = Result<T, StoreError>>,
+    {
         // Read the clock only for someone who will see the figure.
         let timed = cfg!(feature = "metrics") || !tracing::Span::current().is_disabled();
-        let started = timed.then(Instant::now);
-        let out = Bounded::new(call, self.settings.store_timeout).await;
-        if let Some(started) = started {
-            store_latency(op, started.elapsed());
+        StoreCall {
+            call,
+            limit: self.settings.store_timeout,
+            timer: None,
+            op,
+            started: timed.then(Instant::now),
         }
-        out
     }
 
     /// Takes the lock for `key`, or says why not: a replay, a mismatch, a
     /// request in flight (after waiting, if the policy says so), or a store
     /// failure under the store-error policy.
-    pub(crate) async fn acquire(&self, key: &StoreKey, fingerprint: &Fingerprint) -> Acquired {
-        let deadline = match self.settings.in_flight {
-            InFlightPolicy::Wait(bound) => Some(Instant::now() + bound),
-            InFlightPolicy::Reject => None,
-        };
-        loop {
-            let begun = self
-                .call_store(
-                    "begin",
-                    self.store
-                        .as_ref()
-                        .begin(key, fingerprint, self.settings.lease),
-                )
-                .await;
-            match begun {
-                Ok(Begin::Acquired(token)) => return Acquired::Lock(token),
-                Ok(Begin::Completed(record)) => {
-                    if record.fingerprint() != fingerprint {
-                        tracing::debug!(key = %key, outcome = "mismatch");
-                        return Acquired::Mismatch;
-                    }
-                    tracing::debug!(key = %key, outcome = "replayed");
-                    return Acquired::Replay(record);
-                }
-                Ok(Begin::InFlight { fingerprint: held }) => {
-                    // A store that cannot see the holder's fingerprint
-                    // leaves the mismatch for the replay to find.
-                    if held.is_some_and(|held| held != *fingerprint) {
-                        tracing::debug!(key = %key, outcome = "mismatch");
-                        return Acquired::Mismatch;
-                    }
-                    let now = Instant::now();
-                    match deadline {
-                        Some(deadline) if now < deadline => {
-                            let left = deadline - now;
-                            let waited = tokio::time::timeout(
-                                left + self.settings.store_timeout,
-                                self.store.as_ref().wait(key, left),
-                            )
-                            .await;
-                            if let Ok(Err(e)) = waited {
-                                log_store_error("wait", key, &e);
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps each argument twice"
+    )]
+    pub(crate) fn acquire(
+        &self,
+        key: &StoreKey,
+        fingerprint: &Fingerprint,
+    ) -> impl Future<Output = Acquired> {
+        async move {
+            let deadline = match self.settings.in_flight {
+                InFlightPolicy::Wait(bound) => Some(Instant::now() + bound),
+                InFlightPolicy::Reject => None,
+            };
+            loop {
+                // How long to wait for the holder. Scoped: the store's answer
+                // is not kept across the wait.
+                let left = {
+                    let begun = self
+                        .call_store(
+                            "begin",
+                            self.store
+                                .as_ref()
+                                .begin(key, fingerprint, self.settings.lease),
+                        )
+                        .await;
+                    match begun {
+                        Ok(Begin::Acquired(token)) => return Acquired::Lock(token),
+                        Ok(Begin::Completed(record)) => {
+                            if record.fingerprint() != fingerprint {
+                                tracing::debug!(key = %key, outcome = "mismatch");
+                                return Acquired::Mismatch;
+                            }
+                            tracing::debug!(key = %key, outcome = "replayed");
+                            return Acquired::Replay(record);
+                        }
+                        Ok(Begin::InFlight { fingerprint: held }) => {
+                            // A store that cannot see the holder's fingerprint
+                            // leaves the mismatch for the replay to find.
+                            if held.is_some_and(|held| held != *fingerprint) {
+                                tracing::debug!(key = %key, outcome = "mismatch");
+                                return Acquired::Mismatch;
+                            }
+                            let now = Instant::now();
+                            match deadline {
+                                Some(deadline) if now < deadline => deadline - now,
+                                _ => {
+                                    tracing::debug!(key = %key, outcome = "conflict");
+                                    return Acquired::InFlight;
+                                }
                             }
                         }
-                        _ => {
-                            tracing::debug!(key = %key, outcome = "conflict");
-                            return Acquired::InFlight;
+                        Err(e) => {
+                            log_store_error("begin", key, &e);
+                            // A record that exists but cannot be read (corrupt,
+                            // tampered with, sealed under an unknown key) is
+                            // never taken for a missing one, whatever the
+                            // policy: that would run the request again.
+                            let unreadable =
+                                matches!(e, StoreError::Corrupt(_) | StoreError::Undecodable(_));
+                            return match self.settings.on_store_error {
+                                StoreErrorPolicy::FailOpen if !unreadable => Acquired::FailOpen,
+                                _ => Acquired::Failed(e),
+                            };
                         }
                     }
-                }
-                Err(e) => {
-                    log_store_error("begin", key, &e);
-                    // A record that exists but cannot be read (corrupt,
-                    // tampered with, sealed under an unknown key) is never
-                    // taken for a missing one, whatever the policy: that
-                    // would run the request again.
-                    let unreadable =
-                        matches!(e, StoreError::Corrupt(_) | StoreError::Undecodable(_));
-                    return match self.settings.on_store_error {
-                        StoreErrorPolicy::FailOpen if !unreadable => Acquired::FailOpen,
-                        _ => Acquired::Failed(e),
-                    };
+                };
+                // Boxed: only a layer that waits for in-flight requests gets
+                // here, and its timer would make every request's future larger.
+                let waited = Box::pin(tokio::time::timeout(
+                    left + self.settings.store_timeout,
+                    self.store.as_ref().wait(key, left),
+                ))
+                .await;
+                if let Ok(Err(e)) = waited {
+                    log_store_error("wait", key, &e);
                 }
             }
         }
@@ -271,98 +292,124 @@ impl Engine {
         start: impl FnOnce() -> F,
         beat: Option<&Beat>,
     ) -> Executed<F::Output> {
-        let fut = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(start)) {
-            Ok(fut) => fut,
-            Err(_) => return Executed::Panicked,
+        let Some(fut) = Self::start(start) else {
+            return Executed::Panicked;
         };
-        let fut = std::pin::pin!(CatchUnwind::new(fut));
+        let fut = std::pin::pin!(fut);
         match self.heartbeat(key, token, fut, beat).await {
             (Ok(output), lease_held) => Executed::Done { output, lease_held },
             (Err(_panic), _) => Executed::Panicked,
         }
     }
 
+    /// Starts a handler: calls `start`, catching a panic in the call
+    /// itself (`None`), and wraps the future it returns so that a panic
+    /// while it runs becomes an `Err`. Not async: whatever `start` captures
+    /// (an HTTP request, say) is consumed here, not held by a future.
+    pub(crate) fn start<F: Future>(start: impl FnOnce() -> F) -> Option<CatchUnwind<F>> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(start))
+            .ok()
+            .map(CatchUnwind::new)
+    }
+
     /// Runs `fut` while extending the lease every third of it; also says
     /// whether the lease still held at the last extension. Pinned by the
     /// caller: an async fn that takes a future by value holds it twice.
-    pub(crate) async fn heartbeat<F: Future>(
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps each argument twice"
+    )]
+    pub(crate) fn heartbeat<F: Future>(
         &self,
         key: &StoreKey,
         token: &LockToken,
         mut fut: Pin<&mut F>,
         hook: Option<&Beat>,
-    ) -> (F::Output, bool) {
-        // A future that finishes on its first poll needs no heartbeat, and
-        // its request's future no room for one.
-        if let Poll::Ready(out) =
-            std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await
-        {
-            return (out, true);
-        }
-        let lease = self.settings.lease;
-        let mut lost = false;
-        let beat = Box::pin(async {
-            loop {
-                tokio::time::sleep(lease / 3).await;
-                match self
-                    .call_store("extend", self.store.as_ref().extend(key, token, lease))
-                    .await
-                {
-                    Ok(true) => {
-                        if let Some(hook) = hook
-                            && tokio::time::timeout(lease / 3, hook()).await.is_err()
-                        {
-                            tracing::warn!(key = %key, "heartbeat hook did not finish within a third of the lease");
-                        }
-                    }
-                    Ok(false) => {
-                        tracing::warn!(key = %key, "lease lost while the handler ran: another caller took the key over; this outcome will not be recorded");
-                        lost = true;
-                        return;
-                    }
-                    Err(e) => log_store_error("extend", key, &e),
-                }
+    ) -> impl Future<Output = (F::Output, bool)> {
+        async move {
+            // A future that finishes on its first poll needs no heartbeat, and
+            // its request's future no room for one.
+            if let Poll::Ready(out) =
+                std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await
+            {
+                return (out, true);
             }
-        });
-        let out = tokio::select! {
-            biased;
-            out = &mut fut => Some(out),
-            () = beat => None,
-        };
-        match out {
-            Some(out) => (out, !lost),
-            None => (fut.await, !lost),
+            let lease = self.settings.lease;
+            let mut lost = false;
+            let beat = Box::pin(async {
+                loop {
+                    tokio::time::sleep(lease / 3).await;
+                    match self
+                        .call_store("extend", self.store.as_ref().extend(key, token, lease))
+                        .await
+                    {
+                        Ok(true) => {
+                            if let Some(hook) = hook
+                                && tokio::time::timeout(lease / 3, hook()).await.is_err()
+                            {
+                                tracing::warn!(key = %key, "heartbeat hook did not finish within a third of the lease");
+                            }
+                        }
+                        Ok(false) => {
+                            tracing::warn!(key = %key, "lease lost while the handler ran: another caller took the key over; this outcome will not be recorded");
+                            lost = true;
+                            return;
+                        }
+                        Err(e) => log_store_error("extend", key, &e),
+                    }
+                }
+            });
+            // The heartbeat ends only when the lease is lost; the future is
+            // then still awaited, alone. (No output is kept across that await:
+            // it would take room in every caller's future.)
+            tokio::select! {
+                biased;
+                out = &mut fut => return (out, !lost),
+                () = beat => {}
+            }
+            (fut.await, !lost)
         }
     }
 
     /// Drops the lock so a retry may run; a store failure is retried in the
     /// background, as a lock left behind refuses every retry until its
     /// lease ends.
-    pub(crate) async fn release(&self, key: &StoreKey, token: &LockToken) {
-        match self
-            .call_store("release", self.store.as_ref().release(key, token))
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(key = %key, "release found the lock taken over");
-            }
-            Err(e) => {
-                log_store_error("release", key, &e);
-                let (this, key, token) = (self.clone(), *key, *token);
-                tokio::spawn(async move {
-                    let answered = retry_with_backoff(
-                        "release retry",
-                        &key,
-                        this.settings.complete_retries,
-                        |attempt| this.backoff(attempt),
-                        || this.call_store("release", this.store.as_ref().release(&key, &token)),
-                    )
-                    .await;
-                    if answered.is_none() {
-                        tracing::error!(key = %key, "lock not released: it expires with its lease");
-                    }
-                });
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps each argument twice"
+    )]
+    pub(crate) fn release(&self, key: &StoreKey, token: &LockToken) -> impl Future<Output = ()> {
+        async move {
+            match self
+                .call_store("release", self.store.as_ref().release(key, token))
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(key = %key, "release found the lock taken over");
+                }
+                Err(e) => {
+                    log_store_error("release", key, &e);
+                    let (this, key, token) = (self.clone(), *key, *token);
+                    tokio::spawn(async move {
+                        let answered = retry_with_backoff(
+                            "release retry",
+                            &key,
+                            this.settings.complete_retries,
+                            |attempt| this.backoff(attempt),
+                            || {
+                                this.call_store(
+                                    "release",
+                                    this.store.as_ref().release(&key, &token),
+                                )
+                            },
+                        )
+                        .await;
+                        if answered.is_none() {
+                            tracing::error!(key = %key, "lock not released: it expires with its lease");
+                        }
+                    });
+                }
             }
         }
     }
@@ -378,100 +425,100 @@ impl Engine {
     /// the write is retried in the background (with a copy of the record) a
     /// bounded number of times, unless the store is transactional: then the
     /// handler's writes were rolled back and nothing is retried.
-    pub(crate) async fn complete(
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn keeps each argument twice"
+    )]
+    pub(crate) fn complete(
         &self,
-        key: StoreKey,
-        token: LockToken,
+        key: &StoreKey,
+        token: &LockToken,
         record: &Record,
         ttl: Duration,
-    ) -> Completion {
-        match self
-            .call_store(
-                "complete",
-                self.store.as_ref().complete(&key, &token, record, ttl),
-            )
-            .await
-        {
-            Ok(true) => return Completion::Written,
-            Ok(false) if self.is_transactional() => {
-                tracing::error!(key = %key, "the record could not be written and the handler's writes were rolled back");
-                return Completion::RolledBack;
-            }
-            Ok(false) => {
-                tracing::warn!(key = %key, "lease lost before completion: another caller took the key over; this outcome is not recorded");
-                return Completion::LeaseLost;
-            }
-            Err(e) => log_store_error("complete", &key, &e),
-        }
-        if self.is_transactional() {
-            // The store finishes its transaction in `complete` whatever
-            // happens; a release makes sure of it. Fenced, it finds nothing
-            // then: that `false` is expected, not a lock taken over.
-            if let Err(e) = self
-                .call_store("release", self.store.as_ref().release(&key, &token))
+    ) -> impl Future<Output = Completion> {
+        async move {
+            match self
+                .call_store(
+                    "complete",
+                    self.store.as_ref().complete(key, token, record, ttl),
+                )
                 .await
             {
-                log_store_error("release", &key, &e);
-            }
-            tracing::error!(key = %key, "completion failed and the handler's writes were rolled back");
-            return Completion::RolledBack;
-        }
-        let retries = self.settings.complete_retries;
-        if retries == 0 {
-            return Completion::Deferred;
-        }
-        let record = record.clone();
-        let this = self.clone();
-        tokio::spawn(async move {
-            let answered = retry_with_backoff(
-                "complete retry",
-                &key,
-                retries,
-                |attempt| this.backoff(attempt),
-                || {
-                    this.call_store(
-                        "complete",
-                        this.store.as_ref().complete(&key, &token, &record, ttl),
-                    )
-                },
-            )
-            .await;
-            match answered {
-                Some(true) => tracing::info!(key = %key, "record completed on retry"),
-                Some(false) => tracing::warn!(key = %key, "lease lost before completion retry"),
-                None => {
-                    tracing::error!(key = %key, retries, "record not written: the key stays locked until its lease expires, then a retry runs again")
+                Ok(true) => return Completion::Written,
+                Ok(false) if self.is_transactional() => {
+                    tracing::error!(key = %key, "the record could not be written and the handler's writes were rolled back");
+                    return Completion::RolledBack;
                 }
+                Ok(false) => {
+                    tracing::warn!(key = %key, "lease lost before completion: another caller took the key over; this outcome is not recorded");
+                    return Completion::LeaseLost;
+                }
+                Err(e) => log_store_error("complete", key, &e),
             }
-        });
-        Completion::Deferred
+            if self.is_transactional() {
+                // The store finishes its transaction in `complete` whatever
+                // happens; a release makes sure of it. Fenced, it finds nothing
+                // then: that `false` is expected, not a lock taken over.
+                if let Err(e) = self
+                    .call_store("release", self.store.as_ref().release(key, token))
+                    .await
+                {
+                    log_store_error("release", key, &e);
+                }
+                tracing::error!(key = %key, "completion failed and the handler's writes were rolled back");
+                return Completion::RolledBack;
+            }
+            let retries = self.settings.complete_retries;
+            if retries == 0 {
+                return Completion::Deferred;
+            }
+            let (key, token, record) = (*key, *token, record.clone());
+            let this = self.clone();
+            tokio::spawn(async move {
+                let answered = retry_with_backoff(
+                    "complete retry",
+                    &key,
+                    retries,
+                    |attempt| this.backoff(attempt),
+                    || {
+                        this.call_store(
+                            "complete",
+                            this.store.as_ref().complete(&key, &token, &record, ttl),
+                        )
+                    },
+                )
+                .await;
+                match answered {
+                    Some(true) => tracing::info!(key = %key, "record completed on retry"),
+                    Some(false) => tracing::warn!(key = %key, "lease lost before completion retry"),
+                    None => {
+                        tracing::error!(key = %key, retries, "record not written: the key stays locked until its lease expires, then a retry runs again")
+                    }
+                }
+            });
+            Completion::Deferred
+        }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// A store call bounded by `limit`. The timer is armed only if the call
-    /// does not answer on its first poll (the memory store always does):
-    /// arming one costs more than such a call, and a future that may need
-    /// one would carry it.
-    pub(crate) struct Bounded<F> {
+    /// A store call bounded by `limit`, its latency recorded when it
+    /// answers ([`Engine::call_store`]). The timer is armed only if the
+    /// call does not answer on its first poll (the memory store always
+    /// does): arming one costs more than such a call, and a future that may
+    /// need one would carry it. Written out rather than an async fn, as it
+    /// sits inside every covered request's future.
+    pub(crate) struct StoreCall<F> {
         #[pin]
         call: F,
         limit: Duration,
         timer: Option<Pin<Box<tokio::time::Sleep>>>,
+        op: &'static str,
+        started: Option<Instant>,
     }
 }
 
-impl<F> Bounded<F> {
-    pub(crate) fn new(call: F, limit: Duration) -> Self {
-        Self {
-            call,
-            limit,
-            timer: None,
-        }
-    }
-}
-
-impl<T, F> Future for Bounded<F>
+impl<T, F> Future for StoreCall<F>
 where
     F: Future<Output = Result<T, StoreError>>,
 {
@@ -479,16 +526,22 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        if let Poll::Ready(out) = this.call.poll(cx) {
-            return Poll::Ready(out);
+        let out = match this.call.poll(cx) {
+            Poll::Ready(out) => out,
+            Poll::Pending => {
+                let limit = *this.limit;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Err(StoreError::Timeout(limit)),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        };
+        if let Some(started) = this.started.take() {
+            store_latency(this.op, started.elapsed());
         }
-        let limit = *this.limit;
-        let timer = this
-            .timer
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(StoreError::Timeout(limit))),
-            Poll::Pending => Poll::Pending,
-        }
+        Poll::Ready(out)
     }
 }

@@ -735,7 +735,7 @@ where
         }
     };
     let completion = engine
-        .complete(key, token, &record, engine.settings.ttl)
+        .complete(&key, &token, &record, engine.settings.ttl)
         .await;
     Ok(match completion {
         Completion::Written | Completion::Deferred => {
