@@ -12,11 +12,21 @@
 #                                 # 1,000,000 records: replays and first
 #                                 # executions on top of them; then first
 #                                 # executions into a store full at 1,000,000
+#   perf/run-http.sh --scale      # bare, then first executions next to
+#                                 # 0, 10^3 .. 10^7 records resident: in
+#                                 # memory, and in PostgreSQL when
+#                                 # DATABASE_URL is set; 64-byte bodies; a
+#                                 # CSV for perf/plot-scale.py
 #
 # Environment (defaults in brackets):
 #   CONNECTIONS [64]  DURATION [10] s  WARMUP [2] s  BODY_BYTES [1024]
 #   LOADGEN_THREADS [1]  SERVER_THREADS [0 = one per core]  PORT [39180]
 #   PRELOAD [1000000] (--million)  RESULTS_DIR [a new temporary directory]
+#   SCALE_POINTS ["0 1000 10000 100000 1000000 10000000"] (--scale; the
+#   default BODY_BYTES is then 64)  SCALE_PG_CONNECTIONS [16]: the
+#   PostgreSQL rows' connections (at 64, each request queues behind the
+#   others for longer than 10 ms whatever the table holds: latency is
+#   connections ÷ throughput)
 #   GENERATORS ["loadgen wrk"]: the load generators, each row measured by
 #   each (wrk from the system's packages, installed with apt-get if
 #   missing; it has no storm scenario)  WRK_THREADS [2]
@@ -33,6 +43,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+scale=0
+for arg in "$@"; do
+  if [ "$arg" = --scale ]; then scale=1; fi
+done
+if [ "$scale" = 1 ]; then BODY_BYTES="${BODY_BYTES:-64}"; fi
+
 CONNECTIONS="${CONNECTIONS:-64}"
 DURATION="${DURATION:-10}"
 WARMUP="${WARMUP:-2}"
@@ -41,6 +57,7 @@ LOADGEN_THREADS="${LOADGEN_THREADS:-1}"
 SERVER_THREADS="${SERVER_THREADS:-0}"
 PORT="${PORT:-39180}"
 PRELOAD="${PRELOAD:-1000000}"
+SCALE_POINTS="${SCALE_POINTS:-0 1000 10000 100000 1000000 10000000}"
 GENERATORS="${GENERATORS:-loadgen wrk}"
 WRK_THREADS="${WRK_THREADS:-2}"
 
@@ -52,6 +69,7 @@ while [ $# -gt 0 ]; do
   shift
   case "$arg" in
     --million) million=1 ;;
+    --scale) ;;
     --stores)
       stores="${1:?--stores needs a list}"
       only=1
@@ -69,7 +87,9 @@ while [ $# -gt 0 ]; do
 done
 
 features=()
-if [ "$million" = 0 ]; then
+if [ "$scale" = 1 ]; then
+  if [ -n "${DATABASE_URL:-}" ]; then features+=(postgres); fi
+elif [ "$million" = 0 ]; then
   if [ -n "${REDIS_URL:-}${REDIS_CLUSTER_URLS:-}" ]; then features+=(redis); fi
   if [ -n "${DATABASE_URL:-}" ]; then features+=(postgres); fi
   if [ -n "${MYSQL_URL:-}" ]; then features+=(mysql); fi
@@ -272,7 +292,30 @@ start_server bare bare
 measure bare unique
 stop_server
 
-if [ "$million" = 1 ]; then
+if [ "$scale" = 1 ]; then
+  for n in $SCALE_POINTS; do
+    preload=()
+    if [ "$n" -gt 0 ]; then preload=(--preload "$n" --preload-body-bytes "$BODY_BYTES"); fi
+    # Bounds well above what the run adds: nothing is evicted.
+    start_server "memory-$n" memory "${preload[@]}" --max-entries $((n + 5000000)) --max-mib 16384
+    measure "memory, $n resident" unique
+    stop_server
+  done
+  if [ -n "${DATABASE_URL:-}" ]; then
+    for n in $SCALE_POINTS; do
+      # The table emptied, then `n` rows (at least the one recorded
+      # through the layer that the others copy).
+      start_server "postgres-$n" postgres --preload-rows $((n > 0 ? n : 1))
+      CONNECTIONS="${SCALE_PG_CONNECTIONS:-16}" measure "postgres, $n resident" unique
+      stop_server
+    done
+    # The shared database is not left holding millions of rows.
+    start_server postgres-emptied postgres --preload-rows 1
+    stop_server
+  else
+    echo "==> skipping postgres: DATABASE_URL is unset" >&2
+  fi
+elif [ "$million" = 1 ]; then
   start_server million memory --preload "$PRELOAD" --preload-body-bytes "$BODY_BYTES"
   measure "memory, $PRELOAD preloaded" preloaded --key-space "$PRELOAD"
   measure "memory, $PRELOAD preloaded" repeat
@@ -344,3 +387,17 @@ echo
 echo "| server | keys | generator | req/s | p50 ms | p99 ms | req/s ÷ bare | p99 ÷ bare | server CPU µs/req | statuses |"
 echo "|---|---|---|---:|---:|---:|---:|---:|---:|---|"
 table
+
+if [ "$scale" = 1 ]; then
+  # The rows perf/plot-scale.py draws.
+  {
+    echo "store,records,generator,connections,rps,p99_ms,ratio"
+    table | awk -F'|' -v c="$CONNECTIONS" -v pc="${SCALE_PG_CONNECTIONS:-16}" '$2 ~ /resident/ {
+      split($2, l, ","); store = l[1]; gsub(/ /, "", store)
+      n = l[2]; gsub(/[^0-9]/, "", n); gen = $4; gsub(/ /, "", gen)
+      printf "%s,%s,%s,%s,%s,%s,%s\n", store, n, gen, (store == "postgres" ? pc : c), $5 + 0, $7 + 0, $8 + 0
+    }'
+  } >"$RESULTS_DIR/scale.csv"
+  echo
+  echo "CSV for perf/plot-scale.py: $RESULTS_DIR/scale.csv"
+fi

@@ -5,13 +5,13 @@
 //! bench-server --port 3000 --mode bare|memory|redis|redis-cluster|redis-cluster-noack|postgres|postgres-async|mysql|sqlite|dynamodb \
 //!              [--preload N] [--preload-body-bytes 1024] [--delay-ms 0] \
 //!              [--threads 0] [--exit-after 900] [--max-entries 2000000] \
-//!              [--body-mode keep|wrap]
+//!              [--max-mib 4096] [--preload-rows N] [--body-mode keep|wrap]
 //! ```
 //!
 //! - `bare`: no idempotency layer, the reference;
 //! - `memory`: `MemoryStore` bounded to `--max-entries` (2,000,000) entries
-//!   and 4 GiB (a small bound keeps the store from growing: the oldest
-//!   records make room);
+//!   and `--max-mib` (4,096) MiB (a small bound keeps the store from
+//!   growing: the oldest records make room);
 //! - `redis`: `RedisStore` on `REDIS_URL` (feature `redis`);
 //! - `redis-cluster`: `RedisStore` on the Redis Cluster `REDIS_CLUSTER_URLS`
 //!   names (comma-separated nodes), each lock, record and extension
@@ -34,7 +34,15 @@
 //!
 //! `--preload N` records N orders (keys `pre-0` .. `pre-{N-1}`, bodies of
 //! `--preload-body-bytes`) through the layer, in process, before listening,
-//! so `loadgen --keys preloaded --key-space N` replays them. The server
+//! so `loadgen --keys preloaded --key-space N` replays them.
+//!
+//! `--preload-rows N` (PostgreSQL only) empties the table and fills it with
+//! N completed records in bulk, far faster than through the layer: one
+//! order is recorded through the layer, and N − 1 rows copy its record
+//! under keys of their own (SHA-256 digests, spread over the key index as
+//! the store's keys are). They measure first executions next to N resident
+//! rows; they are not replayable under any key a client would send. The
+//! server
 //! binds 127.0.0.1 only, prints `listening on http://…` once ready, and
 //! exits by itself after `--exit-after` seconds (0: never).
 
@@ -137,13 +145,14 @@ impl std::str::FromStr for Mode {
 async fn store(
     mode: Mode,
     max_entries: usize,
+    max_mib: usize,
 ) -> Result<(Option<Arc<dyn Store>>, Option<MemoryStore>), BoxError> {
     match mode {
         Mode::Bare => Ok((None, None)),
         Mode::Memory => {
             let store = MemoryStore::builder()
                 .max_entries(max_entries)
-                .max_bytes(4 << 30)
+                .max_bytes(max_mib << 20)
                 .build();
             Ok((Some(Arc::new(store.clone())), Some(store)))
         }
@@ -297,6 +306,58 @@ async fn dynamodb_store() -> Result<Arc<dyn Store>, BoxError> {
     Err("--mode dynamodb needs the `dynamodb` feature of this crate".into())
 }
 
+/// Empties the PostgreSQL table and fills it with `rows` completed records:
+/// one recorded through `app`, the others copies of it under keys of their
+/// own, inserted a million to a statement.
+#[cfg(feature = "postgres")]
+async fn fill_postgres(app: &Router, rows: u64) -> Result<(), BoxError> {
+    use sqlx::Connection;
+    const TABLE: &str = "perf_idempotency_records";
+    let url = std::env::var("DATABASE_URL").map_err(|_| "--preload-rows needs DATABASE_URL")?;
+    let mut conn = sqlx::PgConnection::connect(&url).await?;
+    sqlx::query(&format!("TRUNCATE {TABLE}"))
+        .execute(&mut conn)
+        .await?;
+    let req = Request::post("/orders")
+        .header("content-type", "application/json")
+        .header("idempotency-key", "pre-template")
+        .body(Body::from(order_body(64)))?;
+    let res = app.clone().oneshot(req).await?;
+    axum::body::to_bytes(res.into_body(), usize::MAX).await?;
+    let mut done = 1;
+    while done < rows {
+        let upto = (done + 1_000_000).min(rows);
+        sqlx::query(&format!(
+            "INSERT INTO {TABLE} (key, fingerprint, state, lock_token, record, expires_at) \
+             SELECT sha256(convert_to('perf-row-' || i, 'UTF8')), t.fingerprint, t.state, \
+                    t.lock_token, t.record, now() + interval '1 hour' \
+             FROM generate_series($1::bigint, $2::bigint - 1) AS i, \
+                  (SELECT * FROM {TABLE} LIMIT 1) AS t"
+        ))
+        .bind(done as i64)
+        .bind(upto as i64)
+        .execute(&mut conn)
+        .await?;
+        done = upto;
+        eprintln!("  {done} rows");
+    }
+    sqlx::query(&format!("VACUUM ANALYZE {TABLE}"))
+        .execute(&mut conn)
+        .await?;
+    // The bulk load's dirty pages written out now, not by a checkpoint in
+    // the middle of the measurement. Best effort: it needs a superuser or
+    // `pg_checkpoint`.
+    if let Err(e) = sqlx::query("CHECKPOINT").execute(&mut conn).await {
+        eprintln!("  no CHECKPOINT after the load ({e}): one may fall in the measurement");
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn fill_postgres(_app: &Router, _rows: u64) -> Result<(), BoxError> {
+    Err("--preload-rows needs the `postgres` feature of this crate".into())
+}
+
 /// Records `n` orders through `app`, from `tasks` concurrent tasks.
 async fn preload(app: &Router, n: u64, body_bytes: usize, tasks: u64) -> Result<(), BoxError> {
     let body = order_body(body_bytes);
@@ -338,6 +399,8 @@ struct Opts {
     threads: usize,
     delay: Duration,
     max_entries: usize,
+    max_mib: usize,
+    preload_rows: u64,
     keep_body: bool,
 }
 
@@ -352,6 +415,8 @@ fn opts() -> Result<Opts, BoxError> {
         threads: args.get("threads", 0)?,
         delay: Duration::from_millis(args.get("delay-ms", 0)?),
         max_entries: args.get("max-entries", 2_000_000)?,
+        max_mib: args.get("max-mib", 4096)?,
+        preload_rows: args.get("preload-rows", 0)?,
         keep_body: match args.get("body-mode", String::from("keep"))?.as_str() {
             "keep" => true,
             "wrap" => false,
@@ -372,9 +437,11 @@ async fn run(opts: Opts) -> Result<(), BoxError> {
         threads: _,
         delay,
         max_entries,
+        max_mib,
+        preload_rows,
         keep_body,
     } = opts;
-    let (store, memory) = store(mode, max_entries).await?;
+    let (store, memory) = store(mode, max_entries, max_mib).await?;
     let state = App {
         next: Arc::new(AtomicU64::new(0)),
         delay,
@@ -408,6 +475,18 @@ async fn run(opts: Opts) -> Result<(), BoxError> {
         println!(
             "preloaded {preload_n} records in {secs:.1} s, {:.0}/s{size}",
             preload_n as f64 / secs
+        );
+    }
+
+    if preload_rows > 0 {
+        if !matches!(mode, Mode::Postgres { .. }) {
+            return Err("--preload-rows needs --mode postgres or postgres-async".into());
+        }
+        let t = Instant::now();
+        fill_postgres(&app, preload_rows).await?;
+        println!(
+            "filled the table with {preload_rows} rows in {:.1} s",
+            t.elapsed().as_secs_f64()
         );
     }
 
