@@ -196,34 +196,7 @@ measure_loadgen() {
 
 # The Lua script that makes wrk send what loadgen sends: the same JSON
 # body, the same key shapes (unique, repeat, preloaded).
-wrk_script="$RESULTS_DIR/orders.lua"
-cat >"$wrk_script" <<'LUA'
-local next_id = 0
-function setup(thread)
-  thread:set("id", next_id)
-  next_id = next_id + 1
-end
-function init(args)
-  mode, run, space = args[1], args[3], tonumber(args[4])
-  local head, tail = '{"item":"book","qty":1,"pad":"', '"}'
-  wrk.method = "POST"
-  wrk.body = head .. string.rep("x", math.max(0, tonumber(args[2]) - #head - #tail)) .. tail
-  wrk.headers["Content-Type"] = "application/json"
-  seq = 0
-  math.randomseed(os.time() + id)
-end
-function request()
-  seq = seq + 1
-  if mode == "unique" then
-    wrk.headers["Idempotency-Key"] = "u-" .. run .. "-" .. id .. "-" .. seq
-  elseif mode == "repeat" then
-    wrk.headers["Idempotency-Key"] = "r-" .. run .. "-" .. id .. "-" .. (seq % 64)
-  elseif mode == "preloaded" then
-    wrk.headers["Idempotency-Key"] = "pre-" .. math.random(0, space - 1)
-  end
-  return wrk.format()
-end
-LUA
+wrk_script="perf/wrk-orders.lua"
 
 # wrk's latency (as in "1.23ms") in µs.
 wrk_us() {
