@@ -43,25 +43,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scale=0
-for arg in "$@"; do
-  if [ "$arg" = --scale ]; then scale=1; fi
-done
-if [ "$scale" = 1 ]; then BODY_BYTES="${BODY_BYTES:-64}"; fi
-
 CONNECTIONS="${CONNECTIONS:-64}"
 DURATION="${DURATION:-10}"
 WARMUP="${WARMUP:-2}"
-BODY_BYTES="${BODY_BYTES:-1024}"
 LOADGEN_THREADS="${LOADGEN_THREADS:-1}"
 SERVER_THREADS="${SERVER_THREADS:-0}"
 PORT="${PORT:-39180}"
 PRELOAD="${PRELOAD:-1000000}"
 SCALE_POINTS="${SCALE_POINTS:-0 1000 10000 100000 1000000 10000000}"
+SCALE_PG_CONNECTIONS="${SCALE_PG_CONNECTIONS:-16}"
 GENERATORS="${GENERATORS:-loadgen wrk}"
 WRK_THREADS="${WRK_THREADS:-2}"
 
 million=0
+scale=0
 stores="redis redis-cluster redis-cluster-noack postgres postgres-async mysql sqlite dynamodb"
 only=0
 while [ $# -gt 0 ]; do
@@ -69,7 +64,7 @@ while [ $# -gt 0 ]; do
   shift
   case "$arg" in
     --million) million=1 ;;
-    --scale) ;;
+    --scale) scale=1 ;;
     --stores)
       stores="${1:?--stores needs a list}"
       only=1
@@ -85,6 +80,9 @@ while [ $# -gt 0 ]; do
       ;;
   esac
 done
+
+# --scale defaults to small bodies: ten million records fit in memory.
+if [ "$scale" = 1 ]; then BODY_BYTES="${BODY_BYTES:-64}"; else BODY_BYTES="${BODY_BYTES:-1024}"; fi
 
 features=()
 if [ "$scale" = 1 ]; then
@@ -279,7 +277,7 @@ if [ "$scale" = 1 ]; then
       # The table emptied, then `n` rows (at least the one recorded
       # through the layer that the others copy).
       start_server "postgres-$n" postgres --preload-rows $((n > 0 ? n : 1))
-      CONNECTIONS="${SCALE_PG_CONNECTIONS:-16}" measure "postgres, $n resident" unique
+      CONNECTIONS="$SCALE_PG_CONNECTIONS" measure "postgres, $n resident" unique
       stop_server
     done
     # The shared database is not left holding millions of rows.
@@ -359,13 +357,14 @@ echo "Server CPU is the server process's user + system time over the measured se
 echo
 echo "| server | keys | generator | req/s | p50 ms | p99 ms | req/s ÷ bare | p99 ÷ bare | server CPU µs/req | statuses |"
 echo "|---|---|---|---:|---:|---:|---:|---:|---:|---|"
-table
+rows="$(table)"
+printf '%s\n' "$rows"
 
 if [ "$scale" = 1 ]; then
   # The rows perf/plot-scale.py draws.
   {
     echo "store,records,generator,connections,rps,p99_ms,ratio"
-    table | awk -F'|' -v c="$CONNECTIONS" -v pc="${SCALE_PG_CONNECTIONS:-16}" '$2 ~ /resident/ {
+    printf '%s\n' "$rows" | awk -F'|' -v c="$CONNECTIONS" -v pc="$SCALE_PG_CONNECTIONS" '$2 ~ /resident/ {
       split($2, l, ","); store = l[1]; gsub(/ /, "", store)
       n = l[2]; gsub(/[^0-9]/, "", n); gen = $4; gsub(/ /, "", gen)
       printf "%s,%s,%s,%s,%s,%s,%s\n", store, n, gen, (store == "postgres" ? pc : c), $5 + 0, $7 + 0, $8 + 0

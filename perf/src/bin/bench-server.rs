@@ -62,6 +62,10 @@ use tower_idempotency_perf::{Args, order_body, preload_key};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The table of the PostgreSQL and MySQL modes (and of `--preload-rows`).
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+const SQL_TABLE: &str = "perf_idempotency_records";
+
 #[derive(Deserialize)]
 struct NewOrder {
     item: String,
@@ -215,7 +219,7 @@ async fn postgres_store(async_lock: bool) -> Result<Arc<dyn Store>, BoxError> {
         .connect(&url)
         .await?;
     let store = tower_idempotency::store::postgres::PostgresStore::new(pool)
-        .with_table("perf_idempotency_records")?
+        .with_table(SQL_TABLE)?
         .with_async_lock_commit(async_lock);
     store.migrate().await?;
     Ok(Arc::new(store))
@@ -242,8 +246,7 @@ async fn mysql_store() -> Result<Arc<dyn Store>, BoxError> {
         .max_connections(pool_size)
         .connect_with(options)
         .await?;
-    let store = tower_idempotency::store::mysql::MySqlStore::new(pool)
-        .with_table("perf_idempotency_records")?;
+    let store = tower_idempotency::store::mysql::MySqlStore::new(pool).with_table(SQL_TABLE)?;
     store.migrate().await?;
     Ok(Arc::new(store))
 }
@@ -312,18 +315,13 @@ async fn dynamodb_store() -> Result<Arc<dyn Store>, BoxError> {
 #[cfg(feature = "postgres")]
 async fn fill_postgres(app: &Router, rows: u64) -> Result<(), BoxError> {
     use sqlx::Connection;
-    const TABLE: &str = "perf_idempotency_records";
+    const TABLE: &str = SQL_TABLE;
     let url = std::env::var("DATABASE_URL").map_err(|_| "--preload-rows needs DATABASE_URL")?;
     let mut conn = sqlx::PgConnection::connect(&url).await?;
     sqlx::query(&format!("TRUNCATE {TABLE}"))
         .execute(&mut conn)
         .await?;
-    let req = Request::post("/orders")
-        .header("content-type", "application/json")
-        .header("idempotency-key", "pre-template")
-        .body(Body::from(order_body(64)))?;
-    let res = app.clone().oneshot(req).await?;
-    axum::body::to_bytes(res.into_body(), usize::MAX).await?;
+    preload(app, 1, 64, 1).await?;
     let mut done = 1;
     while done < rows {
         let upto = (done + 1_000_000).min(rows);
